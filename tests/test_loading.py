@@ -1,0 +1,307 @@
+"""Loading, converting and their errors: every bad input gets one line naming the
+problem, CLIs exit non-zero, and no partial output folder is left behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import ufb_mlx
+import ufb_ref
+from convert import convert
+from ufb_ref.checkpoint import read_safetensors
+from ufb_ref.errors import UFBError
+
+from conftest import CLS, MLM, REPO
+
+
+def copy_golden(tmp_path, src=MLM, name="model") -> Path:
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    (dst / "cases.npz").unlink()
+    return dst
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """A minimal writer (the format: u64 header size, JSON header, raw bytes), so the
+    tests can build malformed checkpoints that a library would refuse to write."""
+    codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
+             np.dtype("int32"): "I32"}
+    header, blobs, offset = {}, [], 0
+    for key, arr in tensors.items():
+        b = np.ascontiguousarray(arr).tobytes()
+        header[key] = {"dtype": codes[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+
+
+def edit_weights(folder: Path, fn) -> None:
+    tensors, _ = read_safetensors(folder / "model.safetensors")
+    tensors = dict(tensors)
+    fn(tensors)
+    write_safetensors(folder / "model.safetensors", tensors)
+
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, str(REPO / "convert.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def assert_one_line_error(proc, *needles):
+    assert proc.returncode != 0
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+
+
+# ---------------------------------------------------------------------------- converting
+
+
+def test_convert_cli_writes_a_loadable_folder(tmp_path, mlm_cases):
+    out = tmp_path / "out"
+    proc = run_convert("--hf-path", MLM, "--mlx-path", out)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "ultrafastbert" and cfg["source"]["hf_path"] == str(MLM)
+    weights, _ = read_safetensors(out / "model.safetensors")
+    assert "decoder.weight" not in weights and not any("norm_factor" in k for k in weights)
+    assert len(weights) == 27 - 1 - 2  # Hub keys minus decoder.weight and 2 norm_factors
+
+
+@pytest.mark.parametrize("dtype,atol", [("float16", 5e-3), ("bfloat16", 3e-2)])
+def test_convert_half_precision(tmp_path, mlm_cases, dtype, atol):
+    """Half-precision weights change logits (|logits| <= 0.67) by their rounding only:
+    float16 keeps ~11 bits (observed ~1e-3 here), bfloat16 ~8 bits (observed ~2e-3)."""
+    out = convert(str(MLM), tmp_path / dtype, dtype=dtype)
+    model, _ = ufb_mlx.load(out)
+    assert model.encoder.embedding.word_embedding.weight.dtype == getattr(mx, dtype)
+    logits = model(mlm_cases["input_ids"], attention_mask=mlm_cases["attention_mask"])
+    np.testing.assert_allclose(np.array(logits.astype(mx.float32)), mlm_cases["mlm_logits"], atol=atol, rtol=0)
+    ref, _ = ufb_ref.load(out)  # the NumPy side reads half-precision files too
+    np.testing.assert_allclose(ref(mlm_cases["input_ids"], mlm_cases["attention_mask"]),
+                               mlm_cases["mlm_logits"], atol=atol, rtol=0)
+
+
+def test_convert_refuses_existing_output_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_one_line_error(run_convert("--hf-path", MLM, "--mlx-path", out), "exists", "--force")
+    assert (out / "keep.txt").read_text() == "mine"
+    assert run_convert("--hf-path", MLM, "--mlx-path", out, "--force").returncode == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def _bad_key_cases():
+    def missing(t):
+        del t["encoder.layers.1.ffn.linear_in.bias"]
+
+    def extra(t):
+        t["encoder.layers.0.ffn.extra.weight"] = np.zeros((3,), np.float32)
+
+    def misshaped(t):
+        t["encoder.layers.0.ffn.linear_in.weight"] = np.zeros((16, 64), np.float32)
+
+    def integer(t):
+        t["encoder.final_norm.bias"] = np.zeros((64,), np.int64)
+
+    def untied(t):
+        t["decoder.weight"] = t["decoder.weight"] + 1
+
+    return [
+        (missing, "missing key 'encoder.layers.1.ffn.linear_in.bias'"),
+        (extra, "unexpected key 'encoder.layers.0.ffn.extra.weight'"),
+        (misshaped, "'encoder.layers.0.ffn.linear_in.weight' has shape (16, 64), expected (15, 64)"),
+        (integer, "'encoder.final_norm.bias' has dtype I64"),
+        (untied, "'decoder.weight' differs"),
+    ]
+
+
+@pytest.mark.parametrize("edit,message", _bad_key_cases(), ids=["missing", "extra", "misshaped", "int", "untied"])
+def test_convert_rejects_bad_checkpoints(tmp_path, edit, message):
+    src = copy_golden(tmp_path)
+    edit_weights(src, edit)
+    out = tmp_path / "out"
+    assert_one_line_error(run_convert("--hf-path", src, "--mlx-path", out), message)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary folder left
+    with pytest.raises(UFBError, match=re.escape(message)):
+        ufb_mlx.load(src)
+
+
+def test_convert_rejects_non_fff_config(tmp_path):
+    src = copy_golden(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["arch"]["intermed_type"] = "gated-glu"
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert_one_line_error(run_convert("--hf-path", src, "--mlx-path", out), "intermed_type", "not an FFF")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("norm_scheme", "post", "arch.norm_scheme is 'post'"),
+    ("nonlin", "GELUglu", "arch.nonlin"),
+])
+def test_unsupported_arch_values_are_named(tmp_path, key, value, needle):
+    src = copy_golden(tmp_path)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["arch"][key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UFBError, match=needle):
+        ufb_ref.load(src)
+
+
+def test_pickled_checkpoint_is_refused(tmp_path):
+    src = copy_golden(tmp_path)
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert_one_line_error(run_convert("--hf-path", src, "--mlx-path", out), "pytorch_model.bin", "never loaded")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("corruption", ["truncated", "garbage-header", "short"])
+def test_corrupted_safetensors(tmp_path, corruption):
+    src = copy_golden(tmp_path)
+    f = src / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncated": data[: len(data) // 2], "garbage-header": data[:8] + b"{not json" + data[17:],
+                   "short": b"abc"}[corruption])
+    assert_one_line_error(run_convert("--hf-path", src, "--mlx-path", tmp_path / "out"),
+                          "model.safetensors", "corrupted safetensors")
+    with pytest.raises(UFBError, match="corrupted"):
+        ufb_ref.load(src)
+
+
+def test_folder_without_tokenizer(tmp_path):
+    src = copy_golden(tmp_path)
+    (src / "tokenizer.json").unlink()
+    assert_one_line_error(run_convert("--hf-path", src, "--mlx-path", tmp_path / "out"), "no tokenizer.json")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(UFBError, match="no tokenizer.json"):
+        ufb_mlx.load(src)
+
+
+def test_folder_without_config_or_weights(tmp_path):
+    src = copy_golden(tmp_path)
+    (src / "model.safetensors").unlink()
+    with pytest.raises(UFBError, match="no model.safetensors"):
+        ufb_ref.load(src)
+    (src / "config.json").unlink()
+    with pytest.raises(UFBError, match="no config.json"):
+        ufb_ref.load(src)
+
+
+def test_unknown_path_is_not_a_hub_id(tmp_path):
+    with pytest.raises(UFBError, match="neither a local folder nor a Hub repo id"):
+        ufb_mlx.load(str(tmp_path / "does" / "not" / "exist"))
+
+
+# ---------------------------------------------------------------------------- the Hub
+
+
+def make_hub_cache(cache: Path, repo_id: str, src: Path) -> None:
+    """Lay out a huggingface_hub cache entry (blobs are plain copies here)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.name != "cases.npz":
+            shutil.copyfile(p, snap / p.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+def test_load_hub_id_from_cache_offline(tmp_path, monkeypatch, mlm_cases):
+    """A Hub id goes through huggingface_hub.snapshot_download, which with
+    HF_HUB_OFFLINE=1 answers from the cache without touching the network."""
+    make_hub_cache(tmp_path / "hub", "pbelcak/UltraFastBERT-tiny-test", MLM)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    model, tok = ufb_mlx.load("pbelcak/UltraFastBERT-tiny-test")
+    logits = model(mlm_cases["input_ids"], attention_mask=mlm_cases["attention_mask"])
+    np.testing.assert_allclose(np.array(logits), mlm_cases["mlm_logits"], atol=1e-5, rtol=0)
+    out = convert("pbelcak/UltraFastBERT-tiny-test", tmp_path / "conv")
+    assert (out / "model.safetensors").is_file()
+    with pytest.raises(UFBError, match="not in the Hugging Face cache"):
+        ufb_ref.load("pbelcak/UltraFastBERT-1x11-long")
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def test_sequence_longer_than_max_seq_length():
+    model, tok = ufb_mlx.load(MLM)
+    ids = np.full((1, 33), 7)
+    with pytest.raises(UFBError, match="sequence length 33 exceeds max_seq_length 32"):
+        model(ids)
+    ref, _ = ufb_ref.load(MLM)
+    with pytest.raises(UFBError, match="exceeds max_seq_length 32"):
+        ref(ids)
+    with pytest.raises(UFBError, match="more than the model's max_seq_length 32"):
+        tok("word " * 40)
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_empty_text(text):
+    _, tok = ufb_ref.load(MLM)
+    with pytest.raises(UFBError, match="empty text"):
+        tok(text)
+
+
+def test_tokenizer_special_tokens_by_name_and_mask_spellings():
+    _, tok = ufb_ref.load(MLM)
+    assert (tok.mask_token_id, tok.pad_token_id, tok.sep_token_id) == (4, 6, 5)
+    assert tok.encode("the [MASK] river") == tok.encode("the <mask> river")
+    assert tok.encode("the river")[-1] == tok.sep_token_id  # template "A <sep>"
+    pair = tok.encode("the river", "the sun")
+    assert pair[0] == tok.cls_token_id and pair.count(tok.sep_token_id) == 2
+
+
+def test_fff_mode_is_checked():
+    with pytest.raises(UFBError, match="fff_mode must be one of"):
+        ufb_mlx.load(MLM, fff_mode="sparse")
+
+
+def test_classifier_width_comes_from_head_weight(tmp_path, cls_cases):
+    """The original sizes the head from transformers' num_labels; a config without
+    id2label must still load with head.weight's row count."""
+    src = copy_golden(tmp_path, CLS)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["id2label"], cfg["label2id"]
+    cfg["arch"]["num_labels"] = None
+    (src / "config.json").write_text(json.dumps(cfg))
+    model, _ = ufb_mlx.load(src)
+    assert model.args.num_labels == 3
+    logits = model(cls_cases["input_ids"], attention_mask=cls_cases["attention_mask"])
+    np.testing.assert_allclose(np.array(logits), cls_cases["cls_logits"], atol=1e-5, rtol=0)
+
+
+def test_mlx_parameter_names_are_hub_keys():
+    from mlx.utils import tree_flatten
+
+    from ufb_ref.checkpoint import read_safetensors
+
+    model, _ = ufb_mlx.load(CLS)
+    names = {k for k, _ in tree_flatten(model.parameters())}
+    hub, _ = read_safetensors(CLS / "model.safetensors")
+    assert names == {k for k in hub if not k.endswith("norm_factor")}

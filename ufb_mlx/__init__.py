@@ -1,0 +1,13 @@
+"""UltraFastBERT in MLX with conditional execution of the fast feedforward layers."""
+
+from . import blas
+
+blas.load_openblas()  # before the first import of mlx: see blas.py
+
+from ufb_ref.config import ModelArgs  # noqa: E402
+from ufb_ref.errors import UFBError  # noqa: E402
+from ufb_ref.tokenizer import Tokenizer  # noqa: E402
+
+from .model import Model, load  # noqa: E402
+
+__all__ = ["ModelArgs", "Model", "Tokenizer", "UFBError", "load"]

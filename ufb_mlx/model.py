@@ -1,0 +1,239 @@
+"""UltraFastBERT in MLX. Parameter names equal the Hub checkpoint's keys (minus the tied
+``decoder.weight`` copy and the ``norm_factor`` buffers), so weights compare by name.
+Mirrors ``ufb_ref.model`` block by block."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ufb_ref.checkpoint import load_checkpoint
+from ufb_ref.config import ModelArgs
+from ufb_ref.errors import UFBError
+from ufb_ref.model import sinusoidal_table
+from ufb_ref.tokenizer import Tokenizer
+
+from . import fff as fff_lib
+
+FFF_MODES = ("conditional", "dense")
+
+
+class ScaledSinusoidal(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.scale_factor = mx.array([args.hidden_size ** -0.5], dtype=mx.float32)
+        # Underscore: a constant, not a parameter (the checkpoint does not store it).
+        self._pe = mx.array(sinusoidal_table(args.max_seq_length, args.hidden_size))
+
+    def __call__(self, seq_len: int):
+        return self.scale_factor * self._pe[:seq_len]
+
+
+class Embedding(nn.Module):
+    """LayerNorm(word_embedding[ids] + scale * pe[:S])."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.word_embedding = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.pos_embedding = ScaledSinusoidal(args)
+        self.norm = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.pad_token_id = args.pad_token_id
+
+    def __call__(self, input_ids):
+        x = self.word_embedding(input_ids)
+        # torch's padding_idx: the padding row gets no gradient through the lookup (it
+        # still gets one through the tied decoder).
+        x = mx.where((input_ids == self.pad_token_id)[..., None], mx.stop_gradient(x), x)
+        x = x + self.pos_embedding(input_ids.shape[1]).astype(x.dtype)
+        return self.norm(x)
+
+
+class SelfAttentionProj(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.query_key_value = nn.Linear(args.hidden_size, 3 * args.hidden_size, bias=False)
+
+
+class Attention(nn.Module):
+    """Fused QKV laid out per head ([q_h | k_h | v_h] blocks), softmax attention with the
+    additive (1 - mask) * -10000 key mask, heads concatenated, then dense."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attention = SelfAttentionProj(args)
+        self.dense = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
+        self.num_heads, self.head_size = args.num_heads, args.head_size
+
+    def __call__(self, x, additive_mask):
+        B, S, H = x.shape
+        qkv = self.self_attention.query_key_value(x).reshape(B, S, self.num_heads, 3, self.head_size)
+        qkv = qkv.transpose(3, 0, 2, 1, 4)                     # (3, B, heads, S, dh)
+        ctx = mx.fast.scaled_dot_product_attention(
+            qkv[0], qkv[1], qkv[2], scale=self.head_size ** -0.5, mask=additive_mask)
+        return self.dense(ctx.transpose(0, 2, 1, 3).reshape(B, S, H))
+
+
+class FFF(nn.Module):
+    """Fast feedforward: P trees of depth D (``linear_in`` rows k*n .. k*n+n-1 are tree k).
+    ``mode`` "conditional" visits D+1 neurons per token and tree; "dense" is the original
+    masked computation of all of them."""
+
+    def __init__(self, args: ModelArgs, mode: str = "conditional"):
+        super().__init__()
+        self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
+        self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
+        self.trees, self.depth, self.mode = args.fff_trees, args.fff_depth, mode
+
+    def routing(self, x):
+        """Within-tree node ids visited per level, (..., P, D+1)."""
+        rows, _ = fff_lib.descend(x, self.linear_in.weight, self.linear_in.bias, self.trees, self.depth)
+        return rows % fff_lib.n_nodes(self.depth)
+
+    def __call__(self, x):
+        fn = fff_lib.fff_conditional if self.mode == "conditional" else fff_lib.fff_dense
+        return fn(x, self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self.depth)
+
+
+class FFN(nn.Module):
+    """Dense feedforward twin (``intermed_type`` "ffn"): gelu(x W_in^T + b) W_out^T."""
+
+    def __init__(self, args: ModelArgs, mode: str = "conditional"):
+        super().__init__()
+        self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
+        self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
+
+    def __call__(self, x):
+        return self.linear_out(fff_lib.gelu(self.linear_in(x)))
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, args: ModelArgs, fff_mode: str):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.attn = Attention(args)
+        self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode)
+        self.dropout = nn.Dropout(0.0)
+
+    def __call__(self, x, additive_mask):
+        x = x + self.dropout(self.attn(self.norm1(x), additive_mask))
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, args: ModelArgs, fff_mode: str):
+        super().__init__()
+        self.embedding = Embedding(args)
+        self.layers = [TransformerLayer(args, fff_mode) for _ in range(args.num_layers)]
+        self.final_norm = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+
+    def __call__(self, input_ids, attention_mask, paths=None):
+        """Hidden states (B, S, H). When ``paths`` is a list, each FFF layer's routing
+        (B, S, P, D+1), within-tree node ids, is appended to it."""
+        additive = ((1 - attention_mask.astype(mx.float32)) * -10000.0)[:, None, None, :]
+        x = self.embedding(input_ids)
+        additive = additive.astype(x.dtype)
+        for layer in self.layers:
+            if paths is not None and isinstance(layer.ffn, FFF):
+                paths.append(layer.ffn.routing(layer.norm2(x + layer.attn(layer.norm1(x), additive))))
+            x = layer(x, additive)
+        return self.final_norm(x)
+
+
+class Pooler(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dense = nn.Linear(args.hidden_size, args.head_dim)
+        self.dropout = nn.Dropout(0.0)
+
+    def __call__(self, hidden):
+        return self.dropout(mx.tanh(self.dense(hidden[:, 0])))  # zero_index pooling
+
+
+class Model(nn.Module):
+    """``model(input_ids, attention_mask=mask)`` -> MLM logits (B, S, V) or classifier
+    logits (B, num_labels)."""
+
+    def __init__(self, args: ModelArgs, fff_mode: str = "conditional"):
+        super().__init__()
+        if fff_mode not in FFF_MODES:
+            raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
+        self.args = args
+        self.encoder = Encoder(args, fff_mode)
+        if args.task == "classification":
+            self.pooler = Pooler(args)
+            self.head = nn.Linear(args.head_dim, args.num_labels)
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout for fine-tuning (the paper's 0.1); the checkpoints run without it."""
+        for _, m in self.named_modules():
+            if isinstance(m, nn.Dropout):
+                m._p_1 = 1 - p
+
+    def encode(self, input_ids, attention_mask=None, paths=None):
+        ids, mask = check_inputs(input_ids, attention_mask, self.args)
+        return self.encoder(ids, mask, paths)
+
+    def mlm_logits(self, hidden):
+        """Tied decoder: hidden @ word_embedding^T (no transform, no bias)."""
+        return self.encoder.embedding.word_embedding.as_linear(hidden)
+
+    def __call__(self, input_ids, attention_mask=None):
+        hidden = self.encode(input_ids, attention_mask)
+        if self.args.task == "classification":
+            return self.head(self.pooler(hidden))
+        return self.mlm_logits(hidden)
+
+
+def check_inputs(input_ids, attention_mask, args: ModelArgs):
+    """Accepts NumPy or MLX integer arrays, (B, S) or (S,); returns MLX arrays."""
+    ids = input_ids if isinstance(input_ids, mx.array) else mx.array(np.asarray(input_ids))
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not mx.issubdtype(ids.dtype, mx.integer):
+        raise UFBError(f"input_ids must be an integer array (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
+    if ids.shape[1] > args.max_seq_length:
+        raise UFBError(f"sequence length {ids.shape[1]} exceeds max_seq_length {args.max_seq_length}")
+    if attention_mask is None:
+        mask = mx.ones(ids.shape, dtype=mx.int32)
+    else:
+        mask = attention_mask if isinstance(attention_mask, mx.array) else mx.array(np.asarray(attention_mask))
+        mask = mask.reshape(ids.shape)
+    return ids, mask
+
+
+def mlm_loss(model: Model, input_ids, attention_mask, labels):
+    """Mean cross-entropy over every labelled position (label != -100); the decoder runs
+    on those positions only. (The original keeps round(0.25 * B * S) positions; the two
+    agree whenever at most that many are labelled.)"""
+    labels_np = np.asarray(labels).reshape(-1)
+    positions = np.nonzero(labels_np != -100)[0]
+    if not len(positions):
+        raise UFBError("mlm_loss: no labelled positions")
+    hidden = model.encode(input_ids, attention_mask)
+    h = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
+    logits = model.mlm_logits(h).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, mx.array(labels_np[positions]), reduction="mean")
+
+
+def classification_loss(model: Model, input_ids, attention_mask, labels):
+    logits = model(input_ids, attention_mask).astype(mx.float32)
+    return nn.losses.cross_entropy(logits, mx.array(np.asarray(labels)), reduction="mean")
+
+
+def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None):
+    """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
+    ``dtype`` (e.g. mx.float16) casts the weights; default: as stored."""
+    if fff_mode not in FFF_MODES:
+        raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
+    ckpt = load_checkpoint(path_or_hub_id)
+    args = ckpt.args
+    model = Model(args, fff_mode)
+    stored = {"BF16": mx.bfloat16, "F16": mx.float16}
+    arrays = {k: mx.array(v).astype(dtype or stored.get(ckpt.dtypes[k], mx.float32))
+              for k, v in ckpt.weights.items()}
+    model.load_weights(list(arrays.items()), strict=True)
+    model.eval()
+    mx.eval(model.parameters())
+    return model, Tokenizer(ckpt.folder, args.max_seq_length)

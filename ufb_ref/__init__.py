@@ -1,0 +1,8 @@
+"""NumPy reference implementation of UltraFastBERT: the executable specification."""
+
+from .config import ModelArgs
+from .errors import UFBError
+from .model import Model, load
+from .tokenizer import Tokenizer
+
+__all__ = ["ModelArgs", "Model", "Tokenizer", "UFBError", "load"]
