@@ -1,0 +1,336 @@
+"""Fill-mask with UltraFastBERT: ``python -m ufb_mlx.generate --model <folder or hub id>
+--prompt "The capital of France is [MASK]."``
+
+For each mask of a prompt, in order of position, it prints the top-k candidate tokens with
+their probabilities and the token chosen, then the completed sentence. Several masks are
+filled one at a time, most confident first (``--strategy iterative``: re-encode, predict
+the remaining masks, fill the one whose best candidate is most probable, repeat), or all at
+once from a single pass (``--strategy parallel``). The decoder runs only on the hidden
+states of the (remaining) mask positions, never on the whole sequence.
+
+The library function :func:`fill_mask` does the work; the CLI is a thin argparse layer.
+
+JSON output (``--json``), one object on stdout::
+
+    {"model": str, "fff_mode": "conditional"|"dense", "strategy": "iterative"|"parallel",
+     "top_k": int, "temperature": float, "seed": int|null,
+     "results": [                                   # one per prompt, in input order
+       {"prompt": str,                              # the prompt as given
+        "tokens": int,                              # its length in tokens (with <sep>)
+        "masks": [                                  # one per mask, in order of position
+          {"position": int,                         # token index in the encoded prompt
+           "step": int,                             # 0-based fill step (iterative order;
+                                                    #   always 0 for parallel)
+           "candidates": [{"token": str, "token_id": int, "prob": float}, ...],
+                                                    # top-k, prob descending
+           "chosen": {"token": str, "token_id": int, "prob": float}}],
+        "completed": str}],                         # filled ids decoded, no special tokens
+     "stats": {"prompt_tokens": int,                # sum of the prompts' lengths
+               "encoded_tokens": int,               # tokens run through the encoder, all
+                                                    #   passes (iterative: one per mask step)
+               "forward_passes": int,               # encoder calls
+               "seconds": float,                    # wall time of the fill (not the load)
+               "tokens_per_s": float,               # encoded_tokens / seconds
+               "peak_memory_mb": float}}            # mx.get_peak_memory(), weights included
+
+Special tokens (``<mask>``, ``<pad>``, ``<sep>``, ``<unk>``, ...) are neither candidates nor
+fills unless ``--allow-special``. ``prob`` is always the model's own probability (softmax of the logits, temperature 1),
+also when ``--temperature`` > 0 samples the chosen token from softmax(logits / T); the most
+confident mask is likewise judged by the model's probabilities.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from ufb_ref.errors import UFBError
+from ufb_ref.tokenizer import pad_batch
+
+from .cli import run
+from .model import load
+
+# The model used when --model is not given; None: --model is required. (A later issue
+# ships a demo model: set its folder or Hub id here and nothing else changes.)
+DEFAULT_MODEL: str | None = None
+
+STRATEGIES = ("iterative", "parallel")
+
+
+# ---------------------------------------------------------------------------------------
+# Library
+
+
+def encode_prompts(tokenizer, prompts, labels=None) -> list[list[int]]:
+    """Token ids of each prompt; a UFBError (naming the prompt by ``labels[i]``) for an
+    empty or over-long prompt or one without a mask."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UFBError("no prompts to fill")
+    if labels is None:
+        labels = [f"prompt {i + 1}" for i in range(len(prompts))] if len(prompts) > 1 else [None] * len(prompts)
+    encoded = []
+    for text, label in zip(prompts, labels):
+        where = f"{label}: " if label else ""
+        try:
+            ids = tokenizer.encode(text)
+        except UFBError as e:
+            raise UFBError(f"{where}{e}") from None
+        if tokenizer.mask_token_id not in ids:
+            short = text if len(text) <= 60 else text[:57] + "..."
+            raise UFBError(f"{where}no mask in the prompt (write [MASK] or <mask> where a token "
+                           f"should be filled in): {short!r}")
+        encoded.append(ids)
+    return encoded
+
+
+def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterative",
+              temperature: float = 0.0, seed: int | None = None, batch_size: int = 16,
+              allow_special: bool = False, stats: dict | None = None) -> list[dict]:
+    """Fill every mask of each prompt. Returns one dict per prompt (see the module
+    docstring for the structure): ``{"prompt", "tokens", "masks", "completed"}``.
+
+    ``temperature`` 0 takes the most probable token; > 0 samples from
+    softmax(logits / temperature) with a generator seeded from (``seed``, prompt index),
+    so a prompt's result does not depend on the batching. The tokenizer's special tokens
+    (``<mask>``, ``<pad>``, ``<sep>``, ``<unk>``, ...) are never candidates nor chosen
+    unless ``allow_special``; probabilities stay the model's softmax over the whole
+    vocabulary (not renormalised). Prompts are run ``batch_size``
+    at a time (right-padded; padded keys are masked out of attention). When ``stats`` is a
+    dict, the counters prompt_tokens, encoded_tokens and forward_passes are added to it.
+    """
+    if strategy not in STRATEGIES:
+        raise UFBError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise UFBError(f"top_k must be a positive integer, got {top_k!r}")
+    if not np.isfinite(temperature) or temperature < 0:
+        raise UFBError(f"temperature must be >= 0, got {temperature!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise UFBError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if getattr(model.args, "task", "mlm") != "mlm":
+        raise UFBError(f"fill-mask needs a masked-LM model; this one is a {model.args.task} model")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    encoded = encode_prompts(tokenizer, prompts)
+    counters = {"prompt_tokens": 0, "encoded_tokens": 0, "forward_passes": 0}
+    banned = [] if allow_special else sorted(set(tokenizer.special_ids.values()))
+    if model.args.vocab_size - len(banned) < 1:
+        raise UFBError("the vocabulary has no token that is not a special token")
+    top_k = int(min(top_k, model.args.vocab_size - len(banned)))
+    results = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = encoded[start:start + batch_size]
+        rngs = [_rng(seed, start + i) if temperature > 0 else None for i in range(len(chunk))]
+        filled, masks = _fill_batch(model, tokenizer, chunk, rngs, top_k, strategy, temperature,
+                                    banned, counters)
+        for i, ids in enumerate(chunk):
+            results.append({
+                "prompt": prompts[start + i],
+                "tokens": len(ids),
+                "masks": [masks[i][p] for p in sorted(masks[i])],
+                "completed": tokenizer.decode(filled[i], skip_special_tokens=True),
+            })
+    counters["prompt_tokens"] = sum(len(ids) for ids in encoded)
+    if stats is not None:
+        for k, v in counters.items():
+            stats[k] = stats.get(k, 0) + v
+    return results
+
+
+def _rng(seed, index):
+    return np.random.default_rng(None if seed is None else [int(seed), int(index)])
+
+
+def _fill_batch(model, tokenizer, encoded, rngs, top_k, strategy, temperature, banned, counters):
+    """Fill a batch of encoded prompts; returns (filled ids per prompt, {position: mask
+    record} per prompt)."""
+    batch = pad_batch(encoded, tokenizer.pad_token_id)
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    lengths = [len(e) for e in encoded]
+    mask_id = tokenizer.mask_token_id
+    remaining = [[p for p, t in enumerate(e) if t == mask_id] for e in encoded]
+    records = [dict() for _ in encoded]
+    step = 0
+    while any(remaining):
+        rows = [r for r in range(len(encoded)) if remaining[r]]
+        width = max(lengths[r] for r in rows)  # drop padding no active row needs
+        hidden = model.encode(ids[rows, :width], attn[rows, :width])
+        counters["forward_passes"] += 1
+        counters["encoded_tokens"] += sum(lengths[r] for r in rows)
+        # The decoder runs on the hidden rows of the remaining masks only.
+        flat = [i * width + p for i, r in enumerate(rows) for p in remaining[r]]
+        h = hidden.reshape(-1, hidden.shape[-1])[mx.array(flat, dtype=mx.int32)]
+        logits = model.mlm_logits(h).astype(mx.float32)
+        probs = mx.softmax(logits, axis=-1, precise=True)
+        probs_np, logits_np = np.array(probs), np.array(logits)
+        # Ranking and sampling skip the banned (special) tokens; reported probabilities
+        # stay the model's own.
+        ranked = probs_np.copy()
+        ranked[:, banned] = -1.0
+        logits_np[:, banned] = -np.inf
+        offset = 0
+        for r in rows:
+            n = len(remaining[r])
+            p_rows, l_rows = probs_np[offset:offset + n], logits_np[offset:offset + n]
+            k_rows = ranked[offset:offset + n]
+            offset += n
+            if strategy == "parallel":
+                order = range(n)                        # all at once, in position order
+            else:
+                order = [int(np.argmax(k_rows.max(axis=1)))]  # most confident; ties: leftmost
+            for j in order:
+                pos = remaining[r][j]
+                chosen = _choose(k_rows[j], l_rows[j], temperature, rngs[r])
+                ids[r, pos] = chosen
+                records[r][pos] = {
+                    "position": pos,
+                    "step": step,
+                    "candidates": _top_k(tokenizer, p_rows[j], k_rows[j], top_k),
+                    "chosen": _entry(tokenizer, chosen, p_rows[j][chosen]),
+                }
+            filled = {remaining[r][j] for j in order}
+            remaining[r] = [p for p in remaining[r] if p not in filled]
+        step += 1
+    return [ids[r, :lengths[r]].tolist() for r in range(len(encoded))], records
+
+
+def _choose(ranked, logits, temperature, rng) -> int:
+    if temperature <= 0:
+        return int(np.argmax(ranked))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
+def _top_k(tokenizer, probs, ranked, k):
+    idx = np.argpartition(-ranked, k - 1)[:k] if k < len(ranked) else np.arange(len(ranked))
+    idx = idx[np.lexsort((idx, -ranked[idx]))]          # prob descending, then id
+    return [_entry(tokenizer, i, probs[i]) for i in idx]
+
+
+def _entry(tokenizer, token_id, prob):
+    return {"token": tokenizer.id_to_token(int(token_id)), "token_id": int(token_id), "prob": float(prob)}
+
+
+def peak_memory_mb() -> float:
+    get = getattr(mx, "get_peak_memory", None) or mx.metal.get_peak_memory
+    return get() / 2**20
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ufb_mlx.generate",
+        description="Fill the masks ([MASK] or <mask>) of prompts with an UltraFastBERT masked-LM model.",
+        epilog='example: python -m ufb_mlx.generate --model ../shared/golden/ufb-tiny-1x3 '
+               '--prompt "The capital of France is [MASK]."')
+    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
+                   help="converted or Hub-layout model folder, or a Hub repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append",
+                     help="text with one or more masks; '-' reads one prompt from stdin (repeatable)")
+    src.add_argument("--prompts-file", metavar="F",
+                     help="one prompt a line (blank lines skipped), run in batches; '-' reads stdin")
+    p.add_argument("--top-k", type=int, default=5, help="candidates shown per mask (default 5)")
+    p.add_argument("--strategy", choices=STRATEGIES, default="iterative",
+                   help="iterative: fill the most confident mask, re-encode, repeat (default); "
+                        "parallel: fill all masks from one pass")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: take the most probable token (default); > 0: sample from softmax(logits / T)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument("--fff-mode", choices=("conditional", "dense"), default="conditional",
+                   help="conditional: visited FFF neurons only (default); dense: the original masked computation")
+    p.add_argument("--allow-special", action="store_true",
+                   help="let special tokens (<mask>, <pad>, <sep>, <unk>, ...) be candidates and fills")
+    p.add_argument("--json", action="store_true", help="print one JSON object (results and stats) on stdout")
+    return p
+
+
+def read_prompts(args) -> tuple[list[str], list[str | None]]:
+    """(prompts, labels naming each in error messages)."""
+    if args.prompts_file is not None:
+        if args.prompts_file == "-":
+            text, name = sys.stdin.read(), "stdin"
+        else:
+            path = Path(args.prompts_file)
+            if not path.is_file():
+                raise UFBError(f"prompts file '{path}' not found" if not path.exists()
+                               else f"prompts file '{path}' is not a file")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise UFBError(f"prompts file '{path}' is not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except OSError as e:
+                raise UFBError(f"cannot read prompts file '{path}': {e.strerror}") from None
+            name = str(path)
+        lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if not lines:
+            raise UFBError(f"prompts file '{name}' has no prompts (it is empty or blank)")
+        return [t for _, t in lines], [f"{name} line {n}" for n, _ in lines]
+    prompts = []
+    if args.prompt.count("-") > 1:
+        raise UFBError("--prompt - (stdin) can be given once")
+    for text in args.prompt:
+        prompts.append(sys.stdin.read().strip() if text == "-" else text)
+    labels = [f"prompt {i + 1}" for i in range(len(prompts))] if len(prompts) > 1 else [None]
+    return prompts, labels
+
+
+def format_text(results) -> str:
+    out = []
+    for res in results:
+        out.append(f"prompt: {res['prompt']}")
+        for n, m in enumerate(res["masks"], 1):
+            out.append(f"  mask {n} (token {m['position']}, filled at step {m['step'] + 1}):")
+            chosen = m["chosen"]["token_id"]
+            width = max(len(c["token"]) for c in m["candidates"])
+            for c in m["candidates"]:
+                mark = "  <- chosen" if c["token_id"] == chosen else ""
+                out.append(f"    {c['token']:<{width}}  {c['prob']:.4f}{mark}")
+            if chosen not in [c["token_id"] for c in m["candidates"]]:
+                out.append(f"    chosen (sampled): {m['chosen']['token']}  {m['chosen']['prob']:.4f}")
+        out.append(f"completed: {res['completed']}")
+        out.append("")
+    return "\n".join(out[:-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompts, labels = read_prompts(args)
+    model, tokenizer = load(args.model, fff_mode=args.fff_mode)
+    encode_prompts(tokenizer, prompts, labels)  # every bad prompt fails before any work
+    stats: dict = {}
+    t0 = time.perf_counter()
+    results = fill_mask(model, tokenizer, prompts, top_k=args.top_k, strategy=args.strategy,
+                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                        allow_special=args.allow_special, stats=stats)
+    seconds = time.perf_counter() - t0
+    stats.update(seconds=seconds, tokens_per_s=stats["encoded_tokens"] / max(seconds, 1e-9),
+                 peak_memory_mb=peak_memory_mb())
+    if args.json:
+        print(json.dumps({"model": str(args.model), "fff_mode": args.fff_mode, "strategy": args.strategy,
+                          "top_k": args.top_k, "temperature": args.temperature, "seed": args.seed,
+                          "results": results, "stats": stats}, indent=2))
+    else:
+        print(format_text(results))
+        print(f"prompt tokens: {stats['prompt_tokens']}, encoded tokens: {stats['encoded_tokens']} "
+              f"in {stats['forward_passes']} pass(es), {seconds:.3f} s, {stats['tokens_per_s']:.1f} tokens/s, "
+              f"peak memory: {stats['peak_memory_mb']:.1f} MB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
