@@ -222,6 +222,12 @@ def classification_loss(model: Model, input_ids, attention_mask, labels):
     return nn.losses.cross_entropy(logits, mx.array(np.asarray(labels)), reduction="mean")
 
 
+def column_major(w):
+    """The same (H, P*n) values, laid out as the transpose of a row-major (P*n, H) buffer:
+    the conditional FFF reads rows of w^T, which then cost no copy (see fff.py)."""
+    return mx.contiguous(w.T).T
+
+
 def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None):
     """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
     ``dtype`` (e.g. mx.float16) casts the weights; default: as stored."""
@@ -233,6 +239,8 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None):
     stored = {"BF16": mx.bfloat16, "F16": mx.float16}
     arrays = {k: mx.array(v).astype(dtype or stored.get(ckpt.dtypes[k], mx.float32))
               for k, v in ckpt.weights.items()}
+    if args.intermed_type == "fff":
+        arrays = {k: column_major(v) if k.endswith("ffn.linear_out.weight") else v for k, v in arrays.items()}
     model.load_weights(list(arrays.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
