@@ -1,0 +1,60 @@
+// fff_backward_tokens: per-token half of the FFF backward pass, one token per simdgroup.
+//
+// Launch: grid (32, T, 1), threadgroup (32, S, 1) with S = min(8, T), as fff_forward:
+//   the 32 threads along x are one simdgroup splitting H with stride 32; y is the token.
+// Template: H, P, D as compile-time ints (N = 2^(D+1) - 1 nodes per tree, L = D + 1).
+// Inputs (row-contiguous): w_in (P*N, H) and w_out_t (P*N, H) any float dtype;
+//   rows (T, P, L) int32 and z (T, P, L) float from fff_forward; dy (T, H) any float.
+// Outputs, all float: dx (T, H); dz (T, P, L) = (dy . w_out_t[row]) * gelu'(z);
+//   act (T, P, L) = gelu(z), both consumed by fff_backward_rows.
+// float32: dy cached in registers, the dot products (simd_sum), gelu/gelu', and dx,
+//   which is accumulated in registers over the token's P*L visited rows and stored once.
+// No atomics: each simdgroup writes only its own token's outputs, so the result does
+//   not depend on scheduling. The weight gradients, which many tokens share, are
+//   reduced per row by fff_backward_rows.
+
+constexpr uint L = uint(D) + 1u;
+constexpr uint VISITS = uint(P) * L;
+constexpr uint PER_LANE = (uint(H) + 31u) / 32u;
+
+const uint lane = thread_index_in_simdgroup;
+const uint token = thread_position_in_grid.y;
+
+float g[PER_LANE];
+float acc[PER_LANE];
+for (uint j = 0; j < PER_LANE; ++j) {
+  const uint h = lane + 32u * j;
+  g[j] = h < uint(H) ? float(dy[token * uint(H) + h]) : 0.0f;
+  acc[j] = 0.0f;
+}
+
+for (uint v = 0; v < VISITS; ++v) {
+  const uint slot = token * VISITS + v;
+  const uint row = uint(rows[slot]);
+  const float logit = z[slot];
+  float part = 0.0f;
+  for (uint j = 0; j < PER_LANE; ++j) {
+    const uint h = lane + 32u * j;
+    if (h < uint(H)) {
+      part += g[j] * float(w_out_t[row * uint(H) + h]);
+    }
+  }
+  const float dlogit = simd_sum(part) * fff_gelu_grad(logit);
+  for (uint j = 0; j < PER_LANE; ++j) {
+    const uint h = lane + 32u * j;
+    if (h < uint(H)) {
+      acc[j] += dlogit * float(w_in[row * uint(H) + h]);
+    }
+  }
+  if (lane == 0) {
+    dz[slot] = dlogit;
+    act[slot] = fff_gelu(logit);
+  }
+}
+
+for (uint j = 0; j < PER_LANE; ++j) {
+  const uint h = lane + 32u * j;
+  if (h < uint(H)) {
+    dx[token * uint(H) + h] = acc[j];
+  }
+}
