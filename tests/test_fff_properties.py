@@ -3,9 +3,11 @@ the same gradient, for random trees, widths, shapes and dtypes.
 
 Implementations: NumPy masked-dense and descent (float64: the ground truth), MLX
 masked-dense, MLX conditional (with the top-level matmul split at random depths, so both
-the matmul part and the gather/scatter part are exercised), and the Metal kernels run
-through the off-Mac emulator (tests/test_metal_kernels.py covers them at fixed shapes;
-here they join the same random draws when the emulator is importable).
+the matmul part and the gather/scatter part are exercised), and the Metal path of
+``fff_conditional`` (the custom_function over the kernels in metal/, forward and VJP) with
+``kernels.launch`` routed to the off-Mac emulator (tests/metal_emu). The kernels take H,
+P and D as template constants, so each new shape is a g++ build: the Metal draws pick
+their (P, D, H) from a fixed set and randomise everything else.
 
 Routing near z = 0: two correct implementations may route a token differently when a
 logit it decides on is within rounding of 0. Every comparison excuses exactly the tokens
@@ -20,13 +22,17 @@ default); UFB_HYPOTHESIS_PROFILE=long runs many more.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from metal_emu.harness import run_kernel
 from ufb_mlx import fff as mlx_fff
+from ufb_mlx import kernels
 from ufb_ref import fff as ref_fff
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
@@ -47,13 +53,17 @@ EPS_COND = 1e-4
 EPS_DENSE = {"float32": 1e-4, "float16": 0.05, "bfloat16": 0.4}
 
 
+METAL_SHAPES = [(1, 3, 20), (2, 5, 37), (3, 0, 64)]  # (P, D, H), see the module docstring
+
+
 @st.composite
-def fff_problem(draw):
-    trees = draw(st.integers(1, 4))
-    depth = draw(st.integers(0, 8))
-    hidden = draw(st.integers(1, 70))
+def fff_problem(draw, shapes=None, dtypes=("float32", "float32", "float16", "bfloat16")):
+    if shapes is None:
+        trees, depth, hidden = draw(st.integers(1, 4)), draw(st.integers(0, 8)), draw(st.integers(1, 70))
+    else:
+        trees, depth, hidden = draw(st.sampled_from(shapes))
     lead = draw(st.sampled_from([(1,), (5,), (2, 3), (3, 1, 4)]))
-    dtype = draw(st.sampled_from(["float32", "float32", "float16", "bfloat16"]))
+    dtype = draw(st.sampled_from(dtypes))
     top = draw(st.one_of(st.none(), st.integers(0, depth + 2)))
     seed = draw(st.integers(0, 2**31 - 1))
     n_zero = draw(st.integers(0, 3))
@@ -185,3 +195,43 @@ def test_exact_zero_logit_goes_left_in_every_implementation():
         assert (np.array(rows)[..., 1] == 1).all()
     np.testing.assert_allclose(np.array(mlx_fff.fff_dense(*args, 1, 2)),
                                ref_fff.fff_descent(x, w_in, b_in, w_out, 1, 2), atol=1e-6)
+
+
+@contextmanager
+def emulated_metal():
+    """fff_conditional takes its Metal path, with every kernel launch run by the emulator."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "available", lambda: True)
+        mp.setattr(kernels, "launch", lambda spec, inputs, config: run_kernel(spec, inputs, **config.kwargs()))
+        yield
+
+
+@settings(max_examples=12)
+@given(fff_problem(shapes=METAL_SHAPES))
+def test_metal_path_agrees_with_reference(problem):
+    """Forward in every dtype, gradients in float32, through the same custom_function the
+    Mac runs. The kernels accumulate in float32 with their own erf (1e-7 relative), so
+    the conditional tolerances apply."""
+    trees, depth, _, dtype, (x, w_in, b_in, w_out), dy = problem
+    truth = ref_fff.fff_descent(x, w_in, b_in, w_out, trees, depth)
+    scale = 1 + np.abs(truth).max()
+    keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
+    args = [as_mx(a, dtype) for a in (x, w_in, b_in, w_out)]
+    with emulated_metal():
+        y = mlx_fff.fff_conditional(*args, trees, depth)
+        assert y.dtype == MX_DTYPES[dtype] and y.shape == x.shape
+        assert_close_on(np.array(y.astype(mx.float32)), truth, keep, scale * (1e-5 + 2 * UNIT[dtype]), "metal")
+        if dtype != "float32":
+            return
+        dy = dy.reshape(keep.shape[0], -1).copy()
+        dy[~keep] = 0  # tokens near a routing tie would send gradient to other rows
+        dy = dy.reshape(x.shape)
+        loss = lambda *a: (mlx_fff.fff_conditional(*a, trees, depth) * as_mx(dy, dtype)).sum()
+        got = mx.grad(loss, argnums=(0, 1, 2, 3))(*args)
+    want = ref_fff.fff_descent_vjp(x, w_in, b_in, w_out, trees, depth, dy)
+    for name, g, w in zip(("x", "w_in", "b_in", "w_out"), got, want):
+        tol = 1e-5 * (1 + np.abs(w).max())
+        if name == "x":
+            assert_close_on(np.array(g), w, keep, tol, "metal dx")
+        else:
+            np.testing.assert_allclose(np.array(g), w, atol=tol, rtol=0, err_msg=f"metal d{name}")

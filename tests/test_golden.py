@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten
 import ufb_mlx
 import ufb_ref
 from ufb_mlx import fff as mlx_fff
+from ufb_mlx import kernels
 from ufb_mlx.model import classification_loss, mlm_loss
 from ufb_ref.model import mlm_loss as ref_mlm_loss
 
@@ -33,15 +34,21 @@ ATOL = 1e-5
 GRAD_RTOL = 1e-5
 
 # "conditional-gather" forces every level through the gather/scatter path (no top-level
-# matmul), so both halves of the conditional implementation meet the golden data.
-MLX_MODES = ["conditional", "conditional-gather", "dense"]
+# matmul), so both halves of the conditional implementation meet the golden data;
+# "conditional-metal" runs the Metal kernels of metal/ (forward and backward) through
+# the off-Mac emulator, as a Mac would run them.
+MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "dense"]
 
 
 def load_mlx(path, mode, monkeypatch):
     if mode == "conditional-gather":
         monkeypatch.setattr(mlx_fff, "TOP_LEVELS", 0)
-        mode = "conditional"
-    return ufb_mlx.load(path, fff_mode=mode)
+    if mode == "conditional-metal":
+        from metal_emu.harness import run_kernel
+
+        monkeypatch.setattr(kernels, "available", lambda: True)
+        monkeypatch.setattr(kernels, "launch", lambda spec, inputs, config: run_kernel(spec, inputs, **config.kwargs()))
+    return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional")
 
 
 @pytest.mark.parametrize("folder", [MLM, CLS], ids=["mlm", "cls"])

@@ -25,6 +25,8 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
+
 TOP_LEVELS = 7  # levels computed as one small matmul: 127 rows per tree (DESIGN.md sec. 5)
 
 
@@ -156,16 +158,30 @@ def _conditional(trees: int, depth: int, top: int):
             r, zb = bottom(rows, z)                                    # (T, K)
             dz = (w_out_t[r] @ dy[:, :, None])[..., 0] * gelu_grad(zb)  # (T, K)
             dx = dx + (dz[:, None, :] @ w_in[r])[:, 0]
-            # Scatter into the rows below the top part only: (P, n - m) of them.
+            # Row gradients of the rows below the top part, (P*(n-m), ...): sort the
+            # visits by row and let one segmented matmul sum each row's segment. Unlike a
+            # scatter-add this reads memory in order, and the sums are deterministic.
             local = ((r // n) * (n - m) + (r % n) - m).reshape(-1)
-            zeros = mx.zeros((trees * (n - m), H), dtype=x.dtype)
-            grads_bottom = (zeros.at[local].add((dz[..., None] * x[:, None, :]).reshape(-1, H)),
-                            mx.zeros((trees * (n - m),), dtype=x.dtype).at[local].add(dz.reshape(-1)),
-                            zeros.at[local].add((gelu(zb)[..., None] * dy[:, None, :]).reshape(-1, H)))
+            grads_bottom = _segment_sums(local, trees * (n - m), mx.repeat(mx.arange(T), r.shape[1]),
+                                         dz.reshape(-1), gelu(zb).reshape(-1), x, dy)
         return (dx,) + tuple(_assemble(t, b, trees, n, m) for t, b in zip(
             grads_top or (None,) * 3, grads_bottom or (None,) * 3))
 
     return f
+
+
+def _segment_sums(rows, n_rows, tokens, dz, a, x, dy):
+    """For visits k = (token t_k, row r_k) with coefficients dz_k and a_k:
+    d_w_in[r] = sum dz_k x[t_k], d_b_in[r] = sum dz_k, d_w_out_t[r] = sum a_k dy[t_k]."""
+    order = mx.argsort(rows)
+    counts = mx.zeros((n_rows,), dtype=mx.int32).at[rows].add(1)
+    ends = mx.cumsum(counts)
+    segments = mx.stack([ends - counts, ends], axis=-1)
+    tok = tokens[order]
+    x1 = mx.concatenate([x[tok], mx.ones((tok.shape[0], 1), dtype=x.dtype)], axis=1)
+    d_in = mx.segmented_mm(dz[order][None, :], x1, segments)[:, 0]   # (n_rows, H + 1)
+    d_out = mx.segmented_mm(a[order][None, :], dy[tok], segments)[:, 0]
+    return d_in[:, :-1], d_in[:, -1], d_out
 
 
 def _assemble(top_part, bottom_part, trees, n, m):
@@ -179,10 +195,36 @@ def _assemble(top_part, bottom_part, trees, n, m):
                            bottom_part.reshape(trees, n - m, *tail)], axis=1).reshape(trees * n, *tail)
 
 
+@lru_cache(maxsize=None)
+def _conditional_metal(trees: int, depth: int):
+    """The same function on the GPU: the fused descent kernel forward, the two backward
+    kernels (per token, then per visited row) in the VJP. Inputs stay in their dtype; the
+    kernels accumulate in float32."""
+
+    @mx.custom_function
+    def f(x, w_in, b_in, w_out_t):
+        return kernels.fff_forward(x, w_in, b_in, w_out_t, trees, depth)
+
+    @f.vjp
+    def f_vjp(primals, cotangents, outputs):
+        x, w_in, b_in, w_out_t = primals
+        _, rows, z = outputs
+        grads = kernels.fff_backward(x, w_in, w_out_t, rows, z, cotangents[0].astype(x.dtype))
+        return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
+
+    return f
+
+
 def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | None = None):
     """Conditional FFF: only the D+1 visited neurons per token and tree are computed,
-    forward and backward. Accumulates in float32; returns x's dtype."""
+    forward and backward. Accumulates in float32; returns x's dtype. Uses the Metal
+    kernels where Metal is available, MLX operations elsewhere (``top`` applies there)."""
     lead, H = x.shape[:-1], x.shape[-1]
+    if kernels.available() and x.size:
+        dt = x.dtype
+        w_out_t = mx.contiguous(w_out.T).astype(dt)
+        y = _conditional_metal(trees, depth)(x.reshape(-1, H), w_in.astype(dt), b_in.astype(dt), w_out_t)[0]
+        return y.reshape(*lead, H)
     f32 = mx.float32
     w_out_t = mx.contiguous(w_out.T).astype(f32)
     f = _conditional(trees, depth, _split(depth, top))
@@ -190,22 +232,27 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | Non
     return y.astype(x.dtype).reshape(*lead, H)
 
 
-def visited_mask(x, w_in, b_in, trees: int, depth: int):
-    """0/1 (..., P*n) mask of the visited nodes, from all logits; carries no gradient."""
-    z = mx.stop_gradient(x @ w_in.T + b_in)
+def visited_mask(x, w_in, b_in, trees: int, depth: int, z=None):
+    """0/1 (..., P*n) mask of the visited nodes, routed on all logits ``z`` (computed
+    when not given); carries no gradient."""
+    if z is None:
+        z = x @ w_in.T + b_in
+    z = mx.stop_gradient(z)
     lead = z.shape[:-1]
     n = n_nodes(depth)
-    zt = z.reshape(*lead, trees, n)
-    node = mx.zeros((*lead, trees), dtype=mx.int32)
-    ar = mx.arange(n, dtype=mx.int32)
-    mask = mx.zeros(zt.shape, dtype=x.dtype)
+    zt = z.reshape(-1, trees, n)
+    node = mx.zeros((zt.shape[0], trees, 1), dtype=mx.int32)
+    visited = []
     for _ in range(depth + 1):
-        mask = mask + (ar == node[..., None]).astype(x.dtype)
-        node = child(node, mx.take_along_axis(zt, node[..., None], axis=-1)[..., 0])
+        visited.append(node)
+        node = child(node, mx.take_along_axis(zt, node, axis=-1))
+    visited = mx.concatenate(visited, axis=-1)                       # (T, P, D+1)
+    mask = mx.put_along_axis(mx.zeros(zt.shape, dtype=x.dtype), visited,
+                             mx.ones(visited.shape, dtype=x.dtype), axis=-1)
     return mask.reshape(*lead, trees * n)
 
 
 def fff_dense(x, w_in, b_in, w_out, trees: int, depth: int):
     """The original computation: every logit, GELU on all, times the visited mask."""
     z = x @ w_in.T + b_in
-    return (gelu(z) * visited_mask(x, w_in, b_in, trees, depth)) @ w_out.T
+    return (gelu(z) * visited_mask(x, w_in, b_in, trees, depth, z)) @ w_out.T
