@@ -28,6 +28,7 @@ import numpy as np
 from . import kernels
 
 TOP_LEVELS = 7  # levels computed as one small matmul: 127 rows per tree (DESIGN.md sec. 5)
+COMPILE_MAX_TOKENS = 32  # up to this many tokens the forward runs as a compiled graph
 
 
 def n_nodes(depth: int) -> int:
@@ -226,10 +227,25 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | Non
         y = _conditional_metal(trees, depth)(x.reshape(-1, H), w_in.astype(dt), b_in.astype(dt), w_out_t)[0]
         return y.reshape(*lead, H)
     f32 = mx.float32
+    x2 = x.reshape(-1, H).astype(f32)
     w_out_t = mx.contiguous(w_out.T).astype(f32)
-    f = _conditional(trees, depth, _split(depth, top))
-    y = f(x.reshape(-1, H).astype(f32), w_in.astype(f32), b_in.astype(f32), w_out_t)[0]
+    T = x2.shape[0]
+    if 0 < T <= COMPILE_MAX_TOKENS:
+        # Few tokens: the time is op dispatch, which a compiled graph cuts. Pad to a
+        # power of two so that each bucket compiles once (zero rows route harmlessly).
+        bucket = 1 << (T - 1).bit_length()
+        if bucket != T:
+            x2 = mx.concatenate([x2, mx.zeros((bucket - T, H), dtype=f32)])
+        y = _compiled(trees, depth, _split(depth, top))(x2, w_in.astype(f32), b_in.astype(f32), w_out_t)[:T]
+    else:
+        y = _conditional(trees, depth, _split(depth, top))(x2, w_in.astype(f32), b_in.astype(f32), w_out_t)[0]
     return y.astype(x.dtype).reshape(*lead, H)
+
+
+@lru_cache(maxsize=None)
+def _compiled(trees: int, depth: int, top: int):
+    f = _conditional(trees, depth, top)
+    return mx.compile(lambda x, w_in, b_in, w_out_t: f(x, w_in, b_in, w_out_t)[0])
 
 
 def visited_mask(x, w_in, b_in, trees: int, depth: int, z=None):
