@@ -11,6 +11,8 @@ from typing import Any
 from .errors import UFBError
 
 MODEL_TYPE = "ultrafastbert"
+# Classifier losses (as in transformers): cross-entropy, or MSE on a single output.
+PROBLEM_TYPES = (None, "single_label_classification", "regression")
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ModelArgs:
     num_labels: int = 0
     head_dim: int = 0               # classifier pooler width
     id2label: dict | None = None
+    problem_type: str | None = None  # classifier loss: None/"single_label_classification" or "regression"
     sparse_prediction: float = 0.25
     model_type: str = MODEL_TYPE
     source: dict = field(default_factory=dict)
@@ -83,6 +86,10 @@ class ModelArgs:
             raise UFBError(f"config.json: task '{self.task}' is not 'mlm' or 'classification'")
         if self.task == "classification" and (self.num_labels < 1 or self.head_dim < 1):
             raise UFBError("config.json: a classifier needs num_labels >= 1 and head_dim >= 1")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise UFBError(f"config.json: problem_type {self.problem_type!r} is not one of {PROBLEM_TYPES}")
+        if self.problem_type == "regression" and (self.task != "classification" or self.num_labels != 1):
+            raise UFBError("config.json: problem_type 'regression' needs task 'classification' and num_labels 1")
 
 
 # Hub arch values this implementation computes exactly; anything else is refused by name

@@ -1,0 +1,392 @@
+"""Training data: labelled text files for fine-tuning (JSONL, CSV, TSV), label maps,
+tokenisation with truncation, padded batches; and for pretraining the text corpus, a
+WordPiece tokenizer trained like the released one, packing into blocks and BERT masking.
+
+Every problem with a data file is a ``UFBError`` that names the file and, where there is
+one, the line (``train.jsonl:17: not valid JSON (...)``).
+
+Masking (pretraining): each token that is not a special token is selected with probability
+``mask_rate`` (0.25, the paper's); a selected token is replaced by ``<mask>`` 80 % of the
+time, by a uniformly drawn non-special token 10 % of the time, and left as it is 10 % of
+the time (BERT's 80/10/10 rule, as in the original cramming recipe); the labels are the
+original ids at the selected positions and -100 everywhere else.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ufb_ref.errors import UFBError
+from ufb_ref.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+FORMATS = ("jsonl", "csv", "tsv")
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+CORPUS_SUFFIXES = (".txt", ".text", ".md")
+
+# ---------------------------------------------------------------------------------------
+# Labelled examples
+
+
+@dataclass
+class Example:
+    text: str
+    text_pair: str | None
+    label: object          # as read: str, int or float (None when the file has no labels)
+    where: str             # "file:line", for error messages
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise UFBError(f"data format must be one of auto, {', '.join(FORMATS)}; got {fmt!r}")
+        return fmt
+    found = _SUFFIXES.get(path.suffix.lower())
+    if found is None:
+        raise UFBError(f"{path}: cannot tell the format from the file name; use .jsonl, .csv or .tsv "
+                       "(or pass --format)")
+    return found
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise UFBError(f"{path}: no such file")
+    if not path.is_file():
+        raise UFBError(f"{path}: not a file")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UFBError(f"{path}:{line}: not valid UTF-8 text") from e
+
+
+def _check_text(value, column: str, where: str, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise UFBError(f"{where}: '{column}' must be a string, got {type(value).__name__}")
+    if not value.strip():
+        if optional:
+            return None
+        raise UFBError(f"{where}: '{column}' is empty")
+    return value
+
+
+def _check_label(value, column: str, where: str):
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UFBError(f"{where}: '{column}' must be a string or a number, got {json.dumps(value)}")
+    if isinstance(value, str) and not value.strip():
+        raise UFBError(f"{where}: '{column}' is empty")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UFBError(f"{where}: '{column}' is {value}")
+    return value
+
+
+def read_examples(path, fmt: str = "auto", text_column: str = "text", pair_column: str = "text_pair",
+                  label_column: str = "label", need_label: bool = True) -> list[Example]:
+    """Rows of a JSONL (one JSON object a line; blank lines skipped), CSV or TSV (with a
+    header row) file. ``text`` is required, ``text_pair`` optional, ``label`` required when
+    ``need_label``; other fields are ignored."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    content = _read_text(path)
+    examples = (_read_jsonl if fmt == "jsonl" else _read_delimited)(
+        path, content, fmt, text_column, pair_column, label_column, need_label)
+    if not examples:
+        raise UFBError(f"{path}: no examples")
+    return examples
+
+
+def _read_jsonl(path, content, fmt, text_col, pair_col, label_col, need_label):
+    out = []
+    for n, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UFBError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(row, dict):
+            raise UFBError(f"{where}: expected a JSON object with a '{text_col}' field, got {type(row).__name__}")
+        if text_col not in row:
+            raise UFBError(f"{where}: no '{text_col}' field")
+        text = _check_text(row[text_col], text_col, where)
+        pair = _check_text(row.get(pair_col), pair_col, where, optional=True)
+        label = None
+        if label_col in row:
+            label = _check_label(row[label_col], label_col, where)
+        elif need_label:
+            raise UFBError(f"{where}: no '{label_col}' field")
+        out.append(Example(text, pair, label, where))
+    return out
+
+
+def _read_delimited(path, content, fmt, text_col, pair_col, label_col, need_label):
+    reader = csv.reader(io.StringIO(content, newline=""), delimiter="," if fmt == "csv" else "\t",
+                        strict=True)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        header = [h.strip() for h in header]
+        if text_col not in header:
+            raise UFBError(f"{path}:1: no '{text_col}' column in the header (columns: {', '.join(header)})")
+        if need_label and label_col not in header:
+            raise UFBError(f"{path}:1: no '{label_col}' column in the header (columns: {', '.join(header)})")
+        ti, pi, li = (header.index(c) if c in header else None for c in (text_col, pair_col, label_col))
+        out = []
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not row or all(not f.strip() for f in row):
+                continue
+            if len(row) != len(header):
+                raise UFBError(f"{where}: {len(row)} fields, but the header has {len(header)}")
+            text = _check_text(row[ti], text_col, where)
+            pair = _check_text(row[pi], pair_col, where, optional=True) if pi is not None else None
+            label = _check_label(row[li], label_col, where) if li is not None else None
+            out.append(Example(text, pair, label, where))
+        return out
+    except csv.Error as e:
+        raise UFBError(f"{path}:{reader.line_num}: malformed {fmt.upper()} ({e})") from e
+
+
+# ---------------------------------------------------------------------------------------
+# Labels
+
+_INT = re.compile(r"[+-]?\d+")
+_INTEGRAL = re.compile(r"[+-]?\d+(\.0*)?")  # "1", "1.", "1.00": the class 1
+
+
+def label_key(ex: Example) -> str:
+    """Class name of an example: strings as written (stripped), numbers in their shortest
+    form, so that 1, 1.0 and "1" are the same class."""
+    v = ex.label
+    if v is None:
+        raise UFBError(f"{ex.where}: no label")
+    if isinstance(v, str):
+        v = v.strip()
+        return str(int(v.split(".")[0])) if _INTEGRAL.fullmatch(v) else v
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def regression_target(ex: Example) -> float:
+    v = ex.label
+    if v is None:
+        raise UFBError(f"{ex.where}: no label")
+    if isinstance(v, str):
+        try:
+            v = float(v.strip())
+        except ValueError:
+            raise UFBError(f"{ex.where}: label {ex.label!r} is not a number (the task is regression)") from None
+    if not math.isfinite(v):
+        raise UFBError(f"{ex.where}: label {ex.label!r} is not a finite number")
+    return float(v)
+
+
+def build_labels(examples: list[Example], source: str) -> list[str]:
+    """The class names of a training set, in a fixed order: numerically when every name is
+    an integer, else alphabetically. Index i is class i of the model."""
+    keys = {label_key(ex) for ex in examples}
+    if len(keys) < 2:
+        raise UFBError(f"{source}: classification needs at least 2 different labels, found "
+                       f"{len(keys)} ({', '.join(map(repr, sorted(keys)))}); use --task regression for numeric targets")
+    if all(_INT.fullmatch(k) for k in keys):
+        return sorted(keys, key=int)
+    return sorted(keys)
+
+
+def encode_labels(examples: list[Example], labels: list[str]) -> np.ndarray:
+    index = {k: i for i, k in enumerate(labels)}
+    out = np.empty(len(examples), dtype=np.int64)
+    for i, ex in enumerate(examples):
+        key = label_key(ex)
+        if key not in index:
+            shown = ", ".join(map(repr, labels[:10])) + (", ..." if len(labels) > 10 else "")
+            raise UFBError(f"{ex.where}: label {key!r} does not occur in the training data (labels: {shown})")
+        out[i] = index[key]
+    return out
+
+
+def regression_targets(examples: list[Example]) -> np.ndarray:
+    return np.array([regression_target(ex) for ex in examples], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenisation and batches
+
+
+class TextEncoder:
+    """The model's tokenizer with truncation to ``max_length`` (longest text of a pair
+    first); the template's special tokens are always kept."""
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if max_length < 4:
+            raise UFBError(f"max length must be at least 4 tokens, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self._hf = HFTokenizer.from_file(str(tokenizer.path))
+        self._hf.no_padding()
+        self._hf.enable_truncation(max_length, strategy="longest_first")
+
+    def __call__(self, examples: list[Example]) -> tuple[list[list[int]], int]:
+        """Token ids per example, and how many examples were truncated."""
+        inputs = [ex.text if ex.text_pair is None else (ex.text, ex.text_pair) for ex in examples]
+        encs = self._hf.encode_batch(inputs)
+        return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
+
+
+def pad_to(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask), right-padded with ``pad_id`` to ``length``."""
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
+    mask = np.zeros((len(sequences), length), dtype=np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The data order of an epoch: a pure function of (seed, epoch), so that a resumed
+    run sees exactly the batches an uninterrupted one sees."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def shard(rows: np.ndarray, rank: int, size: int) -> np.ndarray:
+    """This process's part of a global batch: contiguous, as equal as possible."""
+    return np.array_split(rows, size)[rank]
+
+
+# ---------------------------------------------------------------------------------------
+# Pretraining corpus
+
+
+def corpus_files(paths) -> list[Path]:
+    """Files given directly, and every *.txt / *.text / *.md file under given folders
+    (recursively, sorted), hidden ones skipped."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UFBError(f"corpus path '{p}' does not exist")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in CORPUS_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UFBError(f"corpus folder '{p}' holds no {'/'.join(CORPUS_SUFFIXES)} files")
+            files.extend(found)
+        else:
+            files.append(p)
+    if not files:
+        raise UFBError("no corpus files given")
+    return files
+
+
+def read_corpus(files: list[Path]) -> list[str]:
+    """Non-blank lines of the corpus files, stripped; each is a document segment."""
+    lines: list[str] = []
+    for f in files:
+        lines.extend(line.strip() for line in _read_text(f).splitlines() if line.strip())
+    if not lines:
+        raise UFBError(f"corpus ({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) "
+                       "holds no text")
+    return lines
+
+
+def pack(tokenizer: Tokenizer, lines: list[str], block: int, what: str = "corpus") -> np.ndarray:
+    """Tokenise each line with the model's single-text template (``A <sep>``), concatenate
+    everything and cut it into blocks of ``block`` tokens; the incomplete tail is dropped."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(tokenizer.path))
+    hf.no_padding()
+    hf.no_truncation()
+    ids = np.fromiter((t for enc in hf.encode_batch(lines) for t in enc.ids), dtype=np.int32)
+    n = len(ids) // block
+    if n == 0:
+        raise UFBError(f"{what} is too small: {len(ids)} tokens, less than one block of {block} (max_seq_length)")
+    return ids[: n * block].reshape(n, block)
+
+
+class Masker:
+    """BERT masking of packed blocks (see the module docstring)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, mask_rate: float = 0.25):
+        if not 0 < mask_rate < 1:
+            raise UFBError(f"mask rate must be in (0, 1), got {mask_rate}")
+        self.mask_rate = mask_rate
+        self.mask_id = tokenizer.mask_token_id
+        self.special = np.array(sorted(tokenizer.special_ids.values()), dtype=np.int32)
+        self.replacements = np.setdiff1d(np.arange(vocab_size, dtype=np.int32), self.special)
+
+    def __call__(self, blocks: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        eligible = ~np.isin(blocks, self.special)
+        selected = (rng.random(blocks.shape) < self.mask_rate) & eligible
+        if not selected.any() and eligible.any():  # never a batch without a prediction
+            selected.flat[rng.choice(np.flatnonzero(eligible))] = True
+        action = rng.random(blocks.shape)
+        inputs = blocks.copy()
+        inputs[selected & (action < 0.8)] = self.mask_id
+        rand = selected & (action >= 0.8) & (action < 0.9)
+        inputs[rand] = rng.choice(self.replacements, size=int(rand.sum()))
+        labels = np.where(selected, blocks, -100).astype(np.int32)
+        return inputs.astype(np.int32), labels
+
+
+# ---------------------------------------------------------------------------------------
+# A WordPiece tokenizer like the released model's
+
+
+def train_wordpiece(lines: list[str], vocab_size: int, min_frequency: int = 2):
+    """A ``tokenizers`` WordPiece tokenizer with the released model's normaliser
+    (`` and '' to ", NFD, lower case, strip accents, squeeze spaces, drop non-ASCII),
+    whitespace pre-tokeniser, special tokens (``<unk> <cls> <s> </s> <mask> <sep> <pad>``,
+    ids 0-6 in that order) and templates (``A <sep>``, ``<cls> A <sep> B <sep>``)."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import processors, trainers
+
+    specials = ["<unk>", "<cls>", "<s>", "</s>", "<mask>", "<sep>", "<pad>"]
+    assert sorted(specials) == sorted(SPECIAL_TOKENS)
+    if vocab_size <= len(specials):
+        raise UFBError(f"vocab size must exceed the {len(specials)} special tokens, got {vocab_size}")
+    tok = HFTokenizer(models.WordPiece(unk_token="<unk>", continuing_subword_prefix="##",
+                                       max_input_chars_per_word=100))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Replace("``", '"'), normalizers.Replace("''", '"'), normalizers.NFD(),
+        normalizers.Lowercase(), normalizers.StripAccents(), normalizers.Replace(Regex(" {2,}"), " "),
+        normalizers.Replace(Regex(r"[^\x00-\x7F]+"), ""),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=specials, continuing_subword_prefix="##",
+                                        show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    cls_id, sep_id = tok.token_to_id("<cls>"), tok.token_to_id("<sep>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A <sep>", pair="<cls> $A <sep> $B <sep>",
+        special_tokens=[("<cls>", cls_id), ("<sep>", sep_id)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return tok
+
+
+def save_tokenizer_files(hf_tokenizer, folder: Path, max_length: int) -> None:
+    """tokenizer.json plus the transformers side files, as in the released model."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf_tokenizer.save(str(folder / "tokenizer.json"))
+    names = {"bos_token": "<s>", "cls_token": "<cls>", "eos_token": "</s>", "mask_token": "<mask>",
+             "pad_token": "<pad>", "sep_token": "<sep>", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(names, indent=2) + "\n")
+    cfg = dict(names, model_max_length=max_length, tokenizer_class="PreTrainedTokenizerFast",
+               clean_up_tokenization_spaces=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")

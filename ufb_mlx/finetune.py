@@ -1,0 +1,337 @@
+"""Fine-tune UltraFastBERT for sequence classification or regression.
+
+    python -m ufb_mlx.finetune --model M --train train.jsonl --valid valid.jsonl \\
+        --task classification --out OUT
+
+Data: JSONL (one object a line), CSV or TSV (header row) with a ``text`` column, an
+optional ``text_pair`` column and a ``label`` column (strings or numbers; for regression,
+numbers). Defaults are the paper's fine-tuning recipe: AdamW lr 4e-5, betas (0.9, 0.98),
+eps 1e-6, weight decay 0.01, batch 16, 5 epochs, cosine schedule with 10 % warm-up,
+dropout 0.1. The model is evaluated on --valid after every epoch (accuracy, F1, Matthews
+correlation; Pearson, Spearman, MSE for regression) and the best one is saved as a model
+folder in OUT, which ``ufb_mlx.load`` and ``python -m ufb_mlx.classify --model OUT`` read.
+Checkpoints go to OUT/checkpoints (every --save-every steps and at each epoch's end);
+the same command with --resume continues a killed run and ends with the same weights.
+Under ``mlx.launch -n N`` the processes train data-parallel (--batch-size is per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ufb_ref.checkpoint import CONFIG_FILE, resolve
+from ufb_ref.config import ModelArgs
+from ufb_ref.errors import UFBError
+
+from . import data as D
+from . import metrics as M
+from . import train as T
+from .cli import run
+from .model import FFF_MODES, Model, load
+
+TASKS = ("classification", "regression")
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+
+
+def _hub_head_dim(folder: Path) -> int:
+    """The classification head width a Hub (crammedBERT) config asks for, if any."""
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        return int(cfg["arch"]["classification_head"]["head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def build_classifier(base: Model, base_folder: Path, num_labels: int, regression: bool,
+                     id2label: dict | None, head_dim: int | None, seed: int, fff_mode: str,
+                     source: dict) -> tuple[Model, bool]:
+    """A classifier (or regressor: one output) whose encoder is ``base``'s. The pooler and
+    head are new (N(0, 0.02^2) weights, zero biases) unless ``base`` is already a classifier
+    of the same shape, whose head is then kept. Returns (model, head kept)."""
+    b = base.args
+    head_dim = head_dim or b.head_dim or _hub_head_dim(base_folder) or b.hidden_size
+    keep = (b.task == "classification" and b.num_labels == num_labels and b.head_dim == head_dim
+            and (b.problem_type == "regression") == regression)
+    params = {**b.to_dict(), "task": "classification", "num_labels": num_labels, "head_dim": head_dim,
+              "id2label": id2label, "problem_type": "regression" if regression else "single_label_classification",
+              "source": source}
+    args = ModelArgs.from_dict(params)
+    mx.random.seed(seed)
+    model = Model(args, fff_mode)
+    T.init_normal(model.pooler)
+    T.init_normal(model.head)
+    weights = [(k, v) for k, v in tree_flatten(base.parameters())
+               if k.startswith("encoder.") or (keep and k.startswith(("pooler.", "head.")))]
+    model.load_weights(weights, strict=False)
+    mx.eval(model.parameters())
+    return model, keep
+
+
+def loss_fn(model: Model, batch: dict, scale):
+    """Sum of the per-example losses (cross-entropy, or squared error for regression)
+    times ``scale``; ``weights`` zero out padding rows."""
+    logits = model(batch["input_ids"], batch["attention_mask"]).astype(mx.float32)
+    if model.args.problem_type == "regression":
+        per = mx.square(logits[:, 0] - batch["labels"])
+    else:
+        per = nn.losses.cross_entropy(logits, batch["labels"], reduction="none")
+    return (per * batch["weights"]).sum() * scale
+
+
+def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
+    """Logits (N, num_labels) in float32, in the order of ``seqs`` (batched by length)."""
+    model.eval()
+    order = np.argsort([len(s) for s in seqs], kind="stable")
+    out = np.zeros((len(seqs), model.args.num_labels), dtype=np.float32)
+    for i in range(0, len(seqs), batch_size):
+        rows = order[i:i + batch_size]
+        chunk = [seqs[r] for r in rows]
+        ids, mask = D.pad_to(chunk, max(map(len, chunk)), pad_id)
+        logits = model(mx.array(ids), mx.array(mask)).astype(mx.float32)
+        out[rows] = np.array(logits)
+    return out
+
+
+def evaluate(model: Model, seqs, targets, pad_id: int, batch_size: int) -> dict[str, float]:
+    logits = predict(model, seqs, pad_id, batch_size)
+    if model.args.problem_type == "regression":
+        preds = logits[:, 0]
+        return {**M.regression_metrics(targets, preds), "loss": M.mse(preds, targets)}
+    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    loss = float(-logp[np.arange(len(targets)), targets].mean()) + 0.0  # never "-0.0"
+    return {**M.classification_metrics(targets, logits.argmax(1), model.args.num_labels), "loss": loss}
+
+
+# ---------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or Hub id (MLM or classifier)")
+    p.add_argument("--train", required=True, help="training data (.jsonl, .csv or .tsv)")
+    p.add_argument("--valid", help="validation data, evaluated after every epoch")
+    p.add_argument("--task", choices=TASKS, default="classification")
+    p.add_argument("--out", required=True, help="output folder: the best model, checkpoints, log.jsonl")
+    d = p.add_argument_group("data")
+    d.add_argument("--format", choices=("auto",) + D.FORMATS, default="auto", help="default: from the file suffix")
+    d.add_argument("--text-column", default="text")
+    d.add_argument("--pair-column", default="text_pair")
+    d.add_argument("--label-column", default="label")
+    d.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's max_seq_length)")
+    o = p.add_argument_group("optimisation (defaults: the paper's recipe)")
+    o.add_argument("--lr", type=float, default=4e-5)
+    o.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98))
+    o.add_argument("--eps", type=float, default=1e-6)
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--batch-size", type=int, default=16, help="per process (default 16)")
+    o.add_argument("--epochs", type=int, default=5)
+    o.add_argument("--schedule", choices=T.SCHEDULES, default="cosine")
+    o.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all steps (default 0.1)")
+    o.add_argument("--dropout", type=float, default=0.1)
+    o.add_argument("--grad-clip", type=float, default=0.0, help="max global gradient norm (0: off)")
+    o.add_argument("--seed", type=int, default=0)
+    m = p.add_argument_group("model")
+    m.add_argument("--head-dim", type=int, help="pooler width of a new head (default: the checkpoint's)")
+    m.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
+    m.add_argument("--metric", choices=tuple(M.HIGHER_IS_BETTER),
+                   help="selects the best model (default: accuracy; pearson for regression)")
+    r = p.add_argument_group("run")
+    r.add_argument("--eval-batch-size", type=int, default=64)
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at epoch ends only)")
+    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress lines (log.jsonl is still written)")
+    return p
+
+
+def _check_args(a) -> None:
+    positive = {"--batch-size": a.batch_size, "--epochs": a.epochs, "--eval-batch-size": a.eval_batch_size,
+                "--log-every": a.log_every, "--keep": a.keep}
+    for name, v in positive.items():
+        if v < 1:
+            raise UFBError(f"{name} must be at least 1, got {v}")
+    if a.save_every < 0:
+        raise UFBError(f"--save-every must be >= 0, got {a.save_every}")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise UFBError(f"--lr must be positive, got {a.lr}")
+    if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0:
+        raise UFBError("--betas must be in [0, 1), --eps positive and --weight-decay >= 0")
+    if not 0 <= a.dropout < 1:
+        raise UFBError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if a.grad_clip < 0:
+        raise UFBError(f"--grad-clip must be >= 0, got {a.grad_clip}")
+    if a.head_dim is not None and a.head_dim < 1:
+        raise UFBError(f"--head-dim must be at least 1, got {a.head_dim}")
+    if a.resume and a.force:
+        raise UFBError("--resume and --force exclude each other")
+    metric = a.metric or ("pearson" if a.task == "regression" else "accuracy")
+    allowed = (M.REGRESSION_METRICS if a.task == "regression" else M.CLASSIFICATION_METRICS) + ("loss",)
+    if metric not in allowed:
+        raise UFBError(f"--metric {metric} does not fit --task {a.task} (choose from {', '.join(allowed)})")
+    a.metric = metric
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    _check_args(a)
+    world = T.World()
+    out = Path(a.out)
+
+    # Everything a bad input can break is checked before the output folder is touched.
+    base_folder = resolve(a.model)
+    if out.resolve() == base_folder.resolve():
+        raise UFBError("--out must differ from --model (the model folder would be overwritten)")
+    T.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
+    base, tok = load(a.model, fff_mode=a.fff_mode)
+    max_length = a.max_length or base.args.max_seq_length
+    if max_length > base.args.max_seq_length:
+        raise UFBError(f"--max-length {max_length} exceeds the model's max_seq_length {base.args.max_seq_length}")
+    cols = dict(fmt=a.format, text_column=a.text_column, pair_column=a.pair_column, label_column=a.label_column)
+    train_ex = D.read_examples(a.train, **cols)
+    valid_ex = D.read_examples(a.valid, **cols) if a.valid else []
+    regression = a.task == "regression"
+    if regression:
+        labels, id2label = None, None
+        y_train, y_valid = D.regression_targets(train_ex), D.regression_targets(valid_ex)
+    else:
+        labels = D.build_labels(train_ex, a.train)
+        id2label = {str(i): k for i, k in enumerate(labels)}
+        y_train, y_valid = D.encode_labels(train_ex, labels), D.encode_labels(valid_ex, labels)
+    encoder = D.TextEncoder(tok, max_length)
+    x_train, cut_train = encoder(train_ex)
+    x_valid, cut_valid = encoder(valid_ex) if valid_ex else ([], 0)
+    world.check_same("training data", _digest(x_train, y_train))
+    resume_from = T.prepare_out(out, world, a.resume, a.force)
+
+    source = {"finetuned_from": str(a.model), "task": a.task, "train": str(a.train)}
+    model, kept = build_classifier(base, tok.path.parent, 1 if regression else len(labels), regression,
+                                   id2label, a.head_dim, a.seed, a.fff_mode, source)
+    del base
+    model.set_dropout(a.dropout)
+
+    n = len(x_train)
+    global_batch = a.batch_size * world.size
+    steps_per_epoch = math.ceil(n / global_batch)
+    total = steps_per_epoch * a.epochs
+    schedule = T.make_schedule(a.schedule, a.lr, total, a.warmup)
+    optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
+    trainer = T.Trainer(model, optimizer, loss_fn, world, a.seed, a.grad_clip)
+    logger = T.Logger(out, world, a.quiet)
+
+    # What determines the result: a resumed run must agree on all of it.
+    run_cfg = {"model": str(a.model), "task": a.task, "labels": labels, "train_examples": n,
+               "train_hash": _digest(x_train, y_train), "valid_hash": _digest(x_valid, y_valid),
+               "lr": a.lr, "betas": list(a.betas), "eps": a.eps, "weight_decay": a.weight_decay,
+               "batch_size": a.batch_size, "processes": world.size, "epochs": a.epochs,
+               "schedule": a.schedule, "warmup": a.warmup, "dropout": a.dropout, "grad_clip": a.grad_clip,
+               "seed": a.seed, "head_dim": model.args.head_dim, "fff_mode": a.fff_mode, "metric": a.metric,
+               "max_length": max_length}
+    best = {"metric": a.metric, "value": None, "step": None, "epoch": None, "metrics": None}
+    start = 0
+    if resume_from is not None:
+        if world.main:
+            T.clean_stale_temporaries(out)
+        state = T.load_checkpoint(resume_from[1], model, optimizer)
+        T.check_resume(state.get("run", {}), run_cfg)
+        start, best = state["step"], state.get("best", best)
+        logger.truncate_after(start)
+        logger.print(f"resuming from {resume_from[1]} (step {start}/{total})")
+    else:
+        logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
+                     + (f", {len(x_valid)} validation" if valid_ex else "")
+                     + (f", labels {labels}" if labels else "")
+                     + f"; {a.epochs} epochs x {steps_per_epoch} steps, batch {a.batch_size}"
+                     + (f" x {world.size} processes" if world.size > 1 else "")
+                     + ("; head kept from the checkpoint" if kept else "; new classification head"))
+        for what, cut in (("training", cut_train), ("validation", cut_valid)):
+            if cut:
+                logger.print(f"note: {cut} {what} examples truncated to {max_length} tokens")
+        logger.record("start", step=0, total_steps=total, **{
+            k: v for k, v in run_cfg.items() if k not in ("train_hash", "valid_hash")})
+    if start >= total:
+        logger.print(f"nothing to do: the run already finished at step {start}")
+        return 0
+
+    pad_id = tok.pad_token_id
+    y_train_mx = np.asarray(y_train)
+    orders: dict[int, np.ndarray] = {}
+
+    def get_batch(step):
+        epoch, i = divmod(step - 1, steps_per_epoch)
+        if epoch not in orders:
+            orders.clear()
+            orders[epoch] = D.epoch_order(n, a.seed, epoch)
+        rows = orders[epoch][i * global_batch:(i + 1) * global_batch]
+        length = max(len(x_train[r]) for r in rows)
+        local = D.shard(rows, world.rank, world.size)
+        weights = np.ones(len(local), dtype=np.float32)
+        if not len(local):  # fewer rows than processes in the last batch: a zero-weight row
+            local, weights = rows[:1], np.zeros(1, dtype=np.float32)
+        ids, mask = D.pad_to([x_train[r] for r in local], length, pad_id)
+        batch = {"input_ids": mx.array(ids), "attention_mask": mx.array(mask),
+                 "labels": mx.array(y_train_mx[local]), "weights": mx.array(weights)}
+        return batch, world.size / len(rows), int(sum(len(x_train[r]) for r in rows))
+
+    def after_step(step):
+        nonlocal best
+        epoch_end = step % steps_per_epoch == 0
+        epoch = (step - 1) // steps_per_epoch + 1
+        if epoch_end and valid_ex:
+            res = evaluate(model, x_valid, y_valid, pad_id, a.eval_batch_size)
+            improved = M.is_better(a.metric, res[a.metric], best["value"], res["loss"],
+                                   (best["metrics"] or {}).get("loss"))
+            if improved:
+                best = {"metric": a.metric, "value": res[a.metric], "step": step, "epoch": epoch, "metrics": res}
+                if world.main:
+                    T.save_model(out, model, model.args, tok.path.parent)
+            shown = " | ".join(f"{k} {v:.4f}" for k, v in res.items())
+            logger.print(f"eval epoch {epoch} step {step} | {shown}" + (" | best, saved" if improved else ""))
+            logger.record("eval", step=step, epoch=epoch, best=improved, **res)
+        elif epoch_end and world.main:  # no validation data: the latest model is the result
+            T.save_model(out, model, model.args, tok.path.parent)
+            best = {"metric": None, "value": None, "step": step, "epoch": epoch, "metrics": None}
+        if epoch_end or (a.save_every and step % a.save_every == 0) or step == total:
+            if world.main:
+                path = T.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
+                logger.print(f"checkpoint step {step} -> {path}")
+            logger.record("checkpoint", step=step)
+            world.barrier()
+
+    T.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
+                 after_step=after_step, log_every=a.log_every,
+                 describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
+    if world.main:
+        T.atomic_write_text(out / "train_results.json", json.dumps(T.clean_tree(best), indent=2) + "\n")
+    if best["value"] is not None:
+        logger.print(f"best {a.metric} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']}); "
+                     f"model saved in {out}")
+    else:
+        logger.print(f"model saved in {out}")
+    return 0
+
+
+def _digest(x, y) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps([x, np.asarray(y).tolist()]).encode()).hexdigest()[:16]
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

@@ -1,0 +1,351 @@
+"""Masked-language-model pretraining of UltraFastBERT, from scratch or continued.
+
+    python -m ufb_mlx.pretrain --corpus texts/ --out OUT --config tiny|base|config.json
+    python -m ufb_mlx.pretrain --corpus more.txt --out OUT2 --model OUT      # continue
+
+The corpus is text files (or folders of .txt/.text/.md files); every non-blank line is a
+segment. Without --tokenizer (or --model) a WordPiece tokenizer is trained on the corpus
+with the released model's normaliser, special tokens and templates. Segments are
+tokenised as ``A <sep>``, concatenated and packed into blocks of max_seq_length tokens;
+25 % of the non-special tokens are selected (80 % become <mask>, 10 % a random token, 10 %
+stay) and only those positions are predicted. Defaults are the paper's recipe: AdamW lr
+1e-3, betas (0.9, 0.98), eps 1e-12, weight decay 0.01 (not on biases and norms), no
+dropout, gradient clipping 0.5, one-cycle "triangle" schedule, sequence length 128.
+The held-out split (--valid files, or --valid-fraction of the blocks) is evaluated every
+--eval-every steps: MLM loss and masked-token accuracy. The model folder in OUT (updated
+at every checkpoint) is what ``ufb_mlx.load`` and ``ufb_mlx.finetune --model`` read.
+Under ``mlx.launch -n N`` the processes train data-parallel (--batch-size is per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import hashlib
+import json
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ufb_ref.checkpoint import resolve
+from ufb_ref.config import ModelArgs
+from ufb_ref.errors import UFBError
+from ufb_ref.tokenizer import Tokenizer
+
+from . import data as D
+from . import train as T
+from .cli import run
+from .model import FFF_MODES, Model, load
+
+# Model presets. "base" is the released UltraFastBERT-1x11 architecture.
+PRESETS = {
+    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=1024, max_seq_length=128,
+                 intermed_type="fff", fff_trees=1, fff_depth=3, head_dim=64),
+    "base": dict(hidden_size=768, num_layers=16, num_heads=12, vocab_size=32768, max_seq_length=128,
+                 intermed_type="fff", fff_trees=1, fff_depth=11, head_dim=1024),
+}
+
+
+def config_from(spec: str) -> dict:
+    """A preset name or the path of a flat ModelArgs JSON file."""
+    if spec in PRESETS:
+        return dict(PRESETS[spec], task="mlm")
+    path = Path(spec)
+    if not path.is_file():
+        raise UFBError(f"--config must be one of {', '.join(PRESETS)} or a JSON file; '{spec}' is neither")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UFBError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise UFBError(f"{path}: not a JSON object")
+    if "arch" in cfg:
+        raise UFBError(f"{path}: a Hub crammedBERT config; --config takes the flat config of this project "
+                       "(as in a converted model's config.json)")
+    if cfg.get("task", "mlm") != "mlm":
+        raise UFBError(f"{path}: task {cfg.get('task')!r}; pretraining needs an 'mlm' config")
+    ModelArgs.from_dict(dict(cfg, task="mlm"))  # validates, names a missing or bad key
+    return dict(cfg, task="mlm")
+
+
+def mlm_loss_fn(model: Model, batch: dict, scale):
+    """Cross-entropy summed over the given (masked) positions only, times ``scale``."""
+    hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+    h = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]
+    logits = model.mlm_logits(h).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
+    return (ce * batch["weights"]).sum() * scale
+
+
+def evaluate_mlm(model: Model, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, float]:
+    """Held-out MLM loss (mean over masked tokens) and masked-token accuracy."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x, y = inputs[i:i + batch_size], labels[i:i + batch_size].reshape(-1)
+        pos = np.flatnonzero(y != -100)
+        if not len(pos):
+            continue
+        hidden = model.encode(mx.array(x), mx.ones(x.shape, dtype=mx.int32))
+        logits = model.mlm_logits(hidden.reshape(-1, hidden.shape[-1])[mx.array(pos)]).astype(mx.float32)
+        target = mx.array(y[pos])
+        ce = nn.losses.cross_entropy(logits, target, reduction="sum")
+        hits = (logits.argmax(-1) == target).sum()
+        mx.eval(ce, hits)
+        loss_sum += ce.item()
+        correct += hits.item()
+        count += len(pos)
+    return {"mlm_loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1), "masked_tokens": count}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ufb_mlx.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--corpus", nargs="+", required=True, help="text files and/or folders")
+    p.add_argument("--out", required=True, help="output folder: the model, checkpoints, log.jsonl")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", help="tiny, base (the released 1x11 architecture; default) or a flat config JSON")
+    src.add_argument("--model", help="continue pretraining this MLM model (folder or Hub id)")
+    t = p.add_argument_group("tokenizer and data")
+    t.add_argument("--tokenizer", help="folder with a tokenizer.json (default: train one on the corpus)")
+    t.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: the config's)")
+    t.add_argument("--seq-length", type=int, help="block length (default: the config's max_seq_length, 128)")
+    t.add_argument("--mask-rate", type=float, default=0.25)
+    t.add_argument("--valid", nargs="+", help="held-out text files/folders (default: --valid-fraction of the blocks)")
+    t.add_argument("--valid-fraction", type=float, default=0.05)
+    o = p.add_argument_group("optimisation (defaults: the paper's recipe)")
+    o.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    o.add_argument("--batch-size", type=int, default=128, help="blocks per step and process (default 128)")
+    o.add_argument("--lr", type=float, default=1e-3)
+    o.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98))
+    o.add_argument("--eps", type=float, default=1e-12)
+    o.add_argument("--weight-decay", type=float, default=0.01)
+    o.add_argument("--grad-clip", type=float, default=0.5, help="max global gradient norm (0: off)")
+    o.add_argument("--schedule", choices=T.SCHEDULES, default="triangle")
+    o.add_argument("--warmup", type=float, default=0.5, help="fraction of the steps at which the triangle peaks")
+    o.add_argument("--dropout", type=float, default=0.0)
+    o.add_argument("--seed", type=int, default=0)
+    o.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
+    r = p.add_argument_group("run")
+    r.add_argument("--eval-every", type=int, default=100)
+    r.add_argument("--eval-batch-size", type=int, default=64)
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--save-every", type=int, default=500, help="checkpoint (and model) every N steps, and at the end")
+    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
+    r.add_argument("--quiet", action="store_true")
+    return p
+
+
+def _check_args(a) -> None:
+    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "save_every", "keep"):
+        if getattr(a, name) < 1:
+            raise UFBError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise UFBError(f"--lr must be positive, got {a.lr}")
+    if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0 or a.grad_clip < 0:
+        raise UFBError("--betas must be in [0, 1), --eps positive, --weight-decay and --grad-clip >= 0")
+    if not 0 <= a.dropout < 1:
+        raise UFBError(f"--dropout must be in [0, 1), got {a.dropout}")
+    if not 0 < a.valid_fraction < 1:
+        raise UFBError(f"--valid-fraction must be in (0, 1), got {a.valid_fraction}")
+    if a.resume and a.force:
+        raise UFBError("--resume and --force exclude each other")
+    if a.model and (a.tokenizer or a.vocab_size):
+        raise UFBError("--model brings its own tokenizer; --tokenizer and --vocab-size go with --config")
+    if not 0 < a.mask_rate < 1:
+        raise UFBError(f"--mask-rate must be in (0, 1), got {a.mask_rate}")
+    if a.seq_length is not None and a.seq_length < 8:
+        raise UFBError(f"--seq-length must be at least 8, got {a.seq_length}")
+
+
+def _tokenizer_hash(tok: Tokenizer) -> str:
+    """Of the vocabulary (the file's layout may differ between a saved and a sent copy)."""
+    vocab = sorted((tok.id_to_token(i), i) for i in range(tok.vocab_size))
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    _check_args(a)
+    world = T.World()
+    out = Path(a.out)
+
+    # Corpus and model source first: bad inputs fail before the output folder is touched.
+    files = D.corpus_files(a.corpus)
+    lines = D.read_corpus(files)
+    valid_lines = D.read_corpus(D.corpus_files(a.valid)) if a.valid else None
+    base = base_tok = None
+    if a.model:
+        folder = resolve(a.model)
+        if out.resolve() == folder.resolve():
+            raise UFBError("--out must differ from --model (the model folder would be overwritten)")
+        base, base_tok = load(a.model, fff_mode=a.fff_mode)
+        if base.args.task != "mlm":
+            raise UFBError(f"--model '{a.model}' is a classifier; pretraining continues masked-language models only")
+        cfg = base.args.to_dict()
+    else:
+        cfg = config_from(a.config or "base")
+    seq = a.seq_length or cfg["max_seq_length"]
+    if a.model and seq > cfg["max_seq_length"]:
+        raise UFBError(f"--seq-length {seq} exceeds the model's max_seq_length {cfg['max_seq_length']}")
+    if not a.model:
+        cfg["max_seq_length"] = seq
+    if a.tokenizer:
+        Tokenizer(a.tokenizer)  # a clear error for a missing or bad tokenizer.json
+    resume_from = T.check_out(out, a.resume, a.force)
+
+    # Tokenizer: the model's, a given one, the interrupted run's, or a new one.
+    logger = T.Logger(out, world, a.quiet)
+    hf = None
+    if base_tok is not None:
+        tok, tok_src = base_tok, base_tok.path.parent
+    elif a.tokenizer:
+        tok_src = Path(a.tokenizer)
+        tok_src = tok_src if tok_src.is_dir() else tok_src.parent
+        tok = Tokenizer(tok_src)
+    elif resume_from is not None:
+        tok, tok_src = Tokenizer(out), None
+    else:
+        # Training a tokenizer is not reproducible (ties in `tokenizers`' trainer): rank 0
+        # trains it and sends it to the others; it is saved in OUT, where --resume finds it.
+        target = a.vocab_size or cfg["vocab_size"]
+        logger.print(f"training a WordPiece tokenizer (vocabulary {target}) on {len(lines)} lines")
+        hf = D.train_wordpiece(lines, target) if world.main else None
+        text = world.broadcast_text(hf.to_str() if world.main else None)
+        tmp_dir = tempfile.mkdtemp(prefix="ufb-tokenizer-")  # read again while packing
+        atexit.register(shutil.rmtree, tmp_dir, True)
+        (Path(tmp_dir) / "tokenizer.json").write_text(text)
+        tok, tok_src = Tokenizer(tmp_dir), None
+    if base is None:
+        if a.config is None or a.config in PRESETS:
+            cfg["vocab_size"] = tok.vocab_size  # presets take the tokenizer's vocabulary
+        if tok.vocab_size > cfg["vocab_size"]:
+            raise UFBError(f"the tokenizer has {tok.vocab_size} tokens, more than the config's vocab_size {cfg['vocab_size']}")
+        cfg["pad_token_id"] = tok.pad_token_id
+        cfg["source"] = {"pretrained_on": [str(f) for f in a.corpus], "config": a.config or "base"}
+    else:
+        cfg["source"] = {"pretrained_from": str(a.model), "pretrained_on": [str(f) for f in a.corpus]}
+    args = ModelArgs.from_dict(cfg)
+
+    # Data: packed blocks, a held-out split, fixed held-out masks.
+    blocks = D.pack(tok, lines, seq)
+    if valid_lines is not None:
+        valid = D.pack(tok, valid_lines, seq, what="held-out corpus")
+    else:
+        if len(blocks) < 2:
+            raise UFBError(f"corpus too small for a held-out split: {len(blocks)} block of {seq} tokens "
+                           "(add text, lower --seq-length or give --valid)")
+        perm = np.random.default_rng([a.seed, 7]).permutation(len(blocks))
+        n_valid = max(1, int(round(a.valid_fraction * len(blocks))))
+        valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
+
+    # All inputs are good: now the output folder is prepared (and --force clears it).
+    T.prepare_out(out, world, a.resume, a.force)
+    if hf is not None and world.main:
+        D.save_tokenizer_files(hf, out, seq)
+    masker = D.Masker(tok, args.vocab_size, a.mask_rate)
+    valid_inputs, valid_labels = masker(valid, np.random.default_rng([a.seed, 2**31 - 1]))
+    world.check_same("corpus", hashlib.sha256(blocks.tobytes() + valid.tobytes()).hexdigest())
+
+    # Model.
+    mx.random.seed(a.seed)
+    if base is not None:
+        model = base
+    else:
+        model = Model(args, a.fff_mode)
+        T.init_normal(model)
+        emb = model.encoder.embedding.word_embedding
+        emb.weight = emb.weight * (mx.arange(args.vocab_size) != args.pad_token_id)[:, None]  # padding row 0
+        mx.eval(model.parameters())
+    model.args = args
+    model.set_dropout(a.dropout)
+
+    schedule = T.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
+    optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
+    trainer = T.Trainer(model, optimizer, mlm_loss_fn, world, a.seed, a.grad_clip)
+    run_cfg = {"config": {k: v for k, v in cfg.items() if k != "source"}, "tokenizer": _tokenizer_hash(tok), "data": hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
+               "valid": hashlib.sha256(valid.tobytes()).hexdigest()[:16], "steps": a.steps,
+               "batch_size": a.batch_size, "processes": world.size, "lr": a.lr, "betas": list(a.betas), "eps": a.eps,
+               "weight_decay": a.weight_decay, "grad_clip": a.grad_clip, "schedule": a.schedule, "warmup": a.warmup,
+               "mask_rate": a.mask_rate, "dropout": a.dropout, "seed": a.seed, "fff_mode": a.fff_mode}
+    start = 0
+    if resume_from is not None:
+        if world.main:
+            T.clean_stale_temporaries(out)
+        state = T.load_checkpoint(resume_from[1], model, optimizer)
+        T.check_resume(state.get("run", {}), run_cfg)
+        start = state["step"]
+        logger.truncate_after(start)
+        logger.print(f"resuming from {resume_from[1]} (step {start}/{a.steps})")
+    else:
+        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+        logger.print(f"pretraining {'from ' + str(a.model) if a.model else (a.config or 'base') + ' from scratch'}: "
+                     f"{n_params / 1e6:.2f}M parameters, vocabulary {args.vocab_size}, {len(blocks)} training and "
+                     f"{len(valid)} held-out blocks of {seq} tokens; {a.steps} steps, batch {a.batch_size}"
+                     + (f" x {world.size} processes" if world.size > 1 else ""))
+        logger.record("start", step=0, total_steps=a.steps, processes=world.size, blocks=len(blocks),
+                      valid_blocks=len(valid), vocab_size=args.vocab_size)
+        res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size)
+        logger.print(f"eval step 0 | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
+        logger.record("eval", step=0, **res)
+    if start >= a.steps:
+        logger.print(f"nothing to do: the run already finished at step {start}")
+        return 0
+
+    n = len(blocks)
+    global_batch = a.batch_size * world.size
+    orders: dict[int, np.ndarray] = {}
+
+    def rows_of(step):
+        pos = np.arange((step - 1) * global_batch, step * global_batch)
+        epochs, within = np.divmod(pos, n)
+        for e in np.unique(epochs):
+            if int(e) not in orders:
+                if len(orders) > 4:
+                    orders.pop(min(orders))
+                orders[int(e)] = D.epoch_order(n, a.seed, int(e))
+        return np.array([orders[int(e)][w] for e, w in zip(epochs, within)])
+
+    def get_batch(step):
+        inputs, labels = masker(blocks[rows_of(step)], np.random.default_rng([a.seed, step]))
+        count = int((labels != -100).sum())
+        local = D.shard(np.arange(global_batch), world.rank, world.size)
+        x, y = inputs[local], labels[local].reshape(-1)
+        pos = np.flatnonzero(y != -100)
+        weights = np.ones(len(pos), dtype=np.float32)
+        if not len(pos):  # this process's slice has no masked token: one zero-weight position
+            pos, weights = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32)
+        batch = {"input_ids": mx.array(x), "attention_mask": mx.ones(x.shape, dtype=mx.int32),
+                 "positions": mx.array(pos), "targets": mx.array(np.maximum(y[pos], 0)), "weights": mx.array(weights)}
+        return batch, world.size / max(count, 1), global_batch * seq
+
+    def after_step(step):
+        if step % a.eval_every == 0 or step == a.steps:
+            res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size)
+            logger.print(f"eval step {step} | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
+            logger.record("eval", step=step, **res)
+        if step % a.save_every == 0 or step == a.steps:
+            if world.main:
+                T.save_model(out, model, args, tok_src)
+                path = T.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
+                logger.print(f"checkpoint step {step} -> {path}")
+            logger.record("checkpoint", step=step)
+            world.barrier()
+
+    T.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
+                 after_step=after_step, log_every=a.log_every)
+    logger.print(f"model saved in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))

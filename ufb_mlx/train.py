@@ -1,0 +1,432 @@
+"""The training loop that fine-tuning (``ufb_mlx.finetune``) and pretraining
+(``ufb_mlx.pretrain``) share: optimizer and learning-rate schedule, the step (value and
+gradient, gradient averaging across processes, clipping, update), progress logging,
+atomic checkpoints and resuming.
+
+Data parallelism uses MLX's own distributed layer: started with ``mlx.launch -n N python -m
+ufb_mlx.finetune ...``, every process builds the same model from the same seed, draws the
+same *global* batch (a pure function of the seed and the step) and trains on its own
+contiguous slice of it; the losses are sums over the slice divided by the global count, and
+``nn.average_gradients`` times N sums the slices' gradients, so N processes with batch b
+compute the gradient that one process computes with batch N*b. Only rank 0 writes files
+and prints.
+
+Determinism: the data order is a function of (seed, epoch), the masks and the dropout of a
+step are drawn from generators seeded by (seed, step[, rank]), and a checkpoint holds the
+weights, the optimizer state (moments and step count) and the step. A run resumed from a
+checkpoint therefore ends with exactly (bit for bit) the weights of an uninterrupted run.
+
+Checkpoints: ``OUT/checkpoints/step-00000040/`` with ``model.safetensors``,
+``optimizer.safetensors`` and ``trainer_state.json``; written into a temporary folder that is
+renamed into place, so a killed run leaves only complete checkpoints. The newest ``keep``
+are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
+from ufb_ref.config import ModelArgs
+from ufb_ref.errors import UFBError
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "log.jsonl"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+SCHEDULES = ("cosine", "triangle", "constant")
+_CKPT = re.compile(r"step-(\d{8,})$")
+# Files a run writes into its output folder (what --force may remove).
+RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "train_results.json", *TOKENIZER_FILES)
+
+
+# ---------------------------------------------------------------------------------------
+# Processes
+
+
+class World:
+    """This process's place among the data-parallel processes (size 1 without mlx.launch)."""
+
+    def __init__(self):
+        self.group = mx.distributed.init()
+        self.rank, self.size = self.group.rank(), self.group.size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, values) -> np.ndarray:
+        """Element-wise sum over the processes of a small float64/int array."""
+        values = np.asarray(values)
+        if self.size == 1:
+            return values
+        out = mx.distributed.all_sum(mx.array(values.astype(np.float32)), group=self.group)
+        return np.array(out).astype(values.dtype)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+
+    def broadcast_text(self, text: str | None) -> str:
+        """Rank 0's ``text`` on every process (an all-sum in which the others add zeros);
+        needs no shared file system."""
+        if self.size == 1:
+            return text
+        data = np.frombuffer(text.encode(), dtype=np.uint8) if self.main else np.zeros(0, np.uint8)
+        n = int(self.sum(np.array([len(data)], dtype=np.float64))[0])
+        buf = np.zeros(n, dtype=np.float32)
+        if self.main:
+            buf[:] = data
+        every = np.array(mx.distributed.all_sum(mx.array(buf), group=self.group))
+        return every.astype(np.uint8).tobytes().decode()
+
+    def check_same(self, what: str, text: str) -> None:
+        """All processes must hold the same ``text`` (e.g. a tokenizer or a label map)."""
+        if self.size == 1:
+            return
+        h = np.frombuffer(hashlib.sha256(text.encode()).digest()[:8], dtype=np.uint16).astype(np.float32)
+        every = np.array(mx.distributed.all_gather(mx.array(h[None]), group=self.group))
+        if not (every == h[None]).all():
+            raise UFBError(f"the {self.size} processes disagree on the {what}; give every process the same files")
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+
+def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
+    """Learning rate as a function of the number of updates already done (0 for the first).
+    ``cosine``: linear warm-up over the first ``warmup`` fraction, then cosine decay to 0
+    (the paper's fine-tuning schedule). ``triangle``: the one-cycle "triangle" of the paper's
+    pretraining, linear up to the peak at the ``warmup`` fraction, then linear down to 0.
+    ``constant``: after the linear warm-up."""
+    if kind not in SCHEDULES:
+        raise UFBError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+    if not 0 <= warmup < 1:
+        raise UFBError(f"warm-up must be a fraction in [0, 1), got {warmup}")
+    T = max(int(total_steps), 1)
+    W = int(round(warmup * T))
+
+    def schedule(step):
+        s = mx.array(step).astype(mx.float32)
+        up = lr * mx.minimum((s + 1) / max(W, 1), 1.0)
+        if kind == "constant":
+            return up if W else mx.full(s.shape, lr, mx.float32)
+        progress = mx.clip((s - W) / max(T - W, 1), 0.0, 1.0)
+        down = lr * 0.5 * (1 + mx.cos(math.pi * progress)) if kind == "cosine" else lr * (1 - progress)
+        return mx.where(s < W, up, down)
+
+    return schedule
+
+
+def no_weight_decay(name: str, *_) -> bool:
+    """Biases and normalisation parameters are not decayed (the original's limited decay)."""
+    return "bias" in name or "norm" in name
+
+
+def make_optimizer(schedule, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01):
+    """torch-style AdamW (bias-corrected), weight decay on every parameter except biases and
+    norms."""
+    def adamw(wd):
+        return optim.AdamW(learning_rate=schedule, betas=list(betas), eps=eps, weight_decay=wd,
+                           bias_correction=True)
+
+    return optim.MultiOptimizer([adamw(0.0), adamw(weight_decay)], [no_weight_decay])
+
+
+def init_normal(module, std: float = 0.02) -> None:
+    """The original initialisation for the given module tree: every Linear and Embedding
+    weight N(0, std^2), biases 0, LayerNorm weight 1 and bias 0."""
+    for _, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            m.weight = mx.random.normal(m.weight.shape) * std
+            if "bias" in m:
+                m.bias = mx.zeros_like(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight = mx.ones_like(m.weight)
+            m.bias = mx.zeros_like(m.bias)
+
+
+# ---------------------------------------------------------------------------------------
+# The step
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the dropout masks of one step on one process."""
+    return (int(seed) * 1_000_003 + int(step) * 1_009 + int(rank)) % (2**63)
+
+
+class Trainer:
+    """One optimisation step: ``loss_fn(model, batch, scale)`` must return this process's
+    loss *sum* times ``scale`` (= processes / global count), so that averaging the
+    gradients over the processes gives the gradient of the global mean."""
+
+    def __init__(self, model, optimizer, loss_fn, world: World, seed: int, grad_clip: float = 0.0):
+        self.model, self.optimizer, self.world = model, optimizer, world
+        self.seed, self.grad_clip = seed, grad_clip
+        self._value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    def step(self, step: int, batch: dict, scale: float) -> float:
+        mx.random.seed(step_seed(self.seed, step, self.world.rank))
+        self.model.train()
+        loss, grads = self._value_and_grad(self.model, batch, scale)
+        if self.world.size > 1:
+            grads = nn.average_gradients(grads, group=self.world.group)
+        if self.grad_clip > 0:
+            grads, _ = optim.clip_grad_norm(grads, self.grad_clip)
+        self.optimizer.update(self.model, grads)
+        mx.eval(loss, self.model.parameters(), self.optimizer.state)
+        return loss.item()
+
+
+# ---------------------------------------------------------------------------------------
+# Logging
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, (np.floating, np.integer)):
+        return _clean(v.item())
+    return v
+
+
+def clean_tree(tree):
+    """JSON-ready: NaN/inf become null, NumPy scalars Python numbers."""
+    if isinstance(tree, dict):
+        return {k: clean_tree(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [clean_tree(v) for v in tree]
+    return _clean(tree)
+
+
+class Logger:
+    """Rank 0 prints progress lines and appends one JSON record per event to OUT/log.jsonl."""
+
+    def __init__(self, out: Path, world: World, quiet: bool = False):
+        self.path = Path(out) / LOG_FILE
+        self.world, self.quiet = world, quiet
+
+    def print(self, msg: str) -> None:
+        if self.world.main and not self.quiet:
+            print(msg, flush=True)
+
+    def record(self, event: str, **values) -> None:
+        if self.world.main:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"event": event, **clean_tree(values)}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget what the killed run logged after its last checkpoint."""
+        if not self.world.main or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+def peak_memory_gb() -> float:
+    return mx.get_peak_memory() / 1e9
+
+
+def read_log(out) -> list[dict]:
+    path = Path(out) / LOG_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps: int, get_batch,
+               after_step, log_every: int, describe=lambda step: "") -> None:
+    """Steps start_step+1 .. total_steps. ``get_batch(step)`` -> (batch, scale, global
+    tokens); ``after_step(step)`` evaluates / checkpoints. Logs every ``log_every`` steps:
+    step, mean loss over the interval (all processes), learning rate, tokens/s, peak memory."""
+    world = trainer.world
+    loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        batch, scale, n_tokens = get_batch(step)
+        loss_sum += trainer.step(step, batch, scale)
+        tokens += n_tokens
+        steps += 1
+        if step % log_every == 0 or step == total_steps:
+            loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
+            dt = time.perf_counter() - t0
+            lr = float(trainer.optimizer.learning_rate.item())
+            rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
+                       peak_memory_gb=peak_memory_gb())
+            logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
+                         f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB")
+            logger.record("train", **rec)
+            loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
+        after_step(step)
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    _fsync(path)
+
+
+def atomic_save_arrays(path: Path, arrays: dict) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
+    _save_arrays(tmp, arrays, {"format": "mlx"})
+    os.replace(tmp, path)
+
+
+def model_arrays(model) -> dict:
+    return dict(tree_flatten(model.parameters()))
+
+
+def save_model(folder: Path, model, args: ModelArgs, tokenizer_folder: Path | None = None) -> None:
+    """A model folder that ``ufb_mlx.load`` reads: config.json (the flat ModelArgs),
+    model.safetensors and the tokenizer files; each file replaced atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != folder.resolve():
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_folder) / name
+            if src.is_file():
+                atomic_write_text(folder / name, src.read_text())
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
+    atomic_save_arrays(folder / WEIGHTS_FILE, model_arrays(model))
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    root = Path(out) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _CKPT.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
+    """Write OUT/checkpoints/step-XXXXXXXX atomically (temporary folder, then rename) and
+    keep the newest ``keep`` checkpoints."""
+    root = Path(out) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_arrays(tmp / WEIGHTS_FILE, model_arrays(model))
+    _save_arrays(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
+    (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
+    _fsync(tmp / STATE_FILE)
+    _fsync(tmp)
+    if final.exists():  # a resumed run saving the same step again
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for _, old in list_checkpoints(out)[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore weights and optimizer state in place; returns the trainer state."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        model.load_weights(list(mx.load(str(path / WEIGHTS_FILE)).items()), strict=True)
+        optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UFBError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from e
+    mx.eval(model.parameters(), optimizer.state)
+    return state
+
+
+def _occupied(out: Path) -> bool:
+    return (out / CHECKPOINTS).exists() or any((out / f).exists() for f in RUN_FILES)
+
+
+def check_out(out: Path, resume: bool, force: bool) -> tuple[int, Path] | None:
+    """Check the output folder (read only). Returns the checkpoint to resume from, or None
+    for a new run; a new run refuses a folder that holds a run or a model unless ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UFBError(f"output path '{out}' is a file")
+    if resume:
+        ckpts = list_checkpoints(out)
+        if not ckpts:
+            raise UFBError(f"--resume: no checkpoint in '{out / CHECKPOINTS}' to resume from")
+        return ckpts[-1]
+    if _occupied(out) and not force:
+        raise UFBError(f"output folder '{out}' already holds a training run or a model; "
+                       "pass --resume to continue the run or --force to start over")
+    return None
+
+
+def prepare_out(out: Path, world: World, resume: bool, force: bool) -> tuple[int, Path] | None:
+    """``check_out``, then for a new run create the folder; ``force`` first removes exactly
+    the files a run writes (checkpoints, log, model, tokenizer files)."""
+    out = Path(out)
+    found = check_out(out, resume, force)
+    if resume:
+        return found
+    occupied = _occupied(out)
+    world.barrier()  # every process has checked before rank 0 removes anything
+    if world.main:
+        if occupied:
+            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+            for f in RUN_FILES:
+                (out / f).unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    return None
+
+
+def clean_stale_temporaries(out: Path) -> None:
+    """Temporary checkpoint folders and files left by a killed run."""
+    root = Path(out) / CHECKPOINTS
+    if root.is_dir():
+        for p in root.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in Path(out).glob(".*.tmp*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def check_resume(saved: dict, run: dict) -> None:
+    """A run resumes only with the options that determine its result."""
+    now = json.loads(json.dumps(run))
+    for key, value in now.items():
+        if saved.get(key) != value:
+            raise UFBError(f"--resume: '{key}' was {saved.get(key)!r} in the interrupted run and is "
+                           f"{value!r} now; resume with the same options and data")
