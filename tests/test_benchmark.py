@@ -1,0 +1,153 @@
+"""Smoke tests of ``python -m ufb_mlx.benchmark`` at tiny sizes: the JSON schema, every arm
+timed, the reference-BLAS guard, the plot. Nothing here asserts anything about speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ufb_mlx import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = Path(os.environ.get("UFB_GOLDEN", REPO.parent / "shared" / "golden"))  # as conftest.py
+
+
+def bench(*args: str, env: dict | None = None, rc: int = 0) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if k != "UFB_NO_OPENBLAS"}
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "ufb_mlx.benchmark", *args], cwd=REPO, env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == rc, p.stderr[-3000:]
+    return p
+
+
+def bench_json(*args: str, env: dict | None = None) -> dict:
+    p = bench(*args, "--tiny", "--json", env=env)
+    doc = json.loads(p.stdout)  # stdout is the JSON document and nothing else
+    check_schema(doc)
+    return doc
+
+
+def positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def check_schema(doc: dict) -> None:
+    assert doc["schema"] == benchmark.SCHEMA_VERSION
+    assert set(doc) >= {"benchmark", "env", "config", "results", "notes", "targets", "warnings"}
+    env = doc["env"]
+    for key in ("date", "mlx_version", "device", "backend", "cpu_count", "blas", "matmul_gflops",
+                "dense_fair", "dense_fair_reason", "openblas_mapped"):
+        assert key in env, key
+    assert isinstance(env["dense_fair"], bool) and positive(env["matmul_gflops"])
+    assert doc["results"]
+    for g in doc["results"]:
+        assert set(g) >= {"label", "params", "tokens_per_batch", "reps", "arms", "ratios"}
+        assert positive(g["tokens_per_batch"]) and g["reps"] >= 1
+        assert g["arms"] and g["ratios"]
+        for name, a in g["arms"].items():
+            for key in ("median_ms", "min_ms", "max_ms", "q1_ms", "q3_ms"):
+                assert positive(a[key]), (name, key, a[key])
+            assert len(a["times_ms"]) == a["reps"] == g["reps"]
+            assert isinstance(a["dense_blas"], bool)
+        for r in g["ratios"]:
+            assert r["arm"] in g["arms"] and r["baseline"] in g["arms"]
+            assert positive(r["ratio"]) and isinstance(r["fair"], bool)
+            assert r["target"] is None or positive(r["target"])
+            assert r["met"] is None or isinstance(r["met"], bool)
+            if not r["fair"]:
+                assert r["met"] is None
+
+
+def test_layer(tmp_path):
+    png = tmp_path / "speedup.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    doc = bench_json("layer", "--tokens", "1,8", *plot)
+    assert doc["benchmark"] == "layer"
+    assert [g["params"]["tokens"] for g in doc["results"]] == [1, 8]
+    for g in doc["results"]:
+        assert {"conditional", "masked_dense", "dense_15", "dense_256", "numpy_ref"} <= set(g["arms"])
+        assert {(r["arm"], r["baseline"]) for r in g["ratios"]} >= {
+            ("conditional", "masked_dense"), ("conditional", "dense_15"), ("conditional", "numpy_ref")}
+    if plot:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model():
+    doc = bench_json("model", "--batch", "1,2")
+    assert [g["params"]["batch"] for g in doc["results"]] == [1, 2]
+    for g in doc["results"]:
+        assert set(g["arms"]) == {"conditional_forward", "dense_forward", "conditional_fillmask", "dense_fillmask"}
+        assert g["tokens_per_batch"] == g["params"]["batch"] * g["params"]["seq"]
+    mem = doc["memory"]
+    assert positive(mem["weights_bytes"]) and positive(mem["peak_bytes"]) and positive(mem["ratio"])
+    assert mem["met"] is None  # targets are judged on the released configuration only
+
+
+def test_model_from_checkpoint():
+    doc = bench_json("model", "--model", str(GOLDEN / "ufb-tiny-1x3"), "--batch", "2", "--seq", "8")
+    assert doc["config"]["model"].endswith("ufb-tiny-1x3") and doc["config"]["vocab"] != 512
+    assert doc["results"][0]["params"] == {"batch": 2, "seq": 8}
+
+
+@pytest.mark.parametrize("task", ["classification", "mlm"])
+def test_train(task):
+    doc = bench_json("train", "--task", task)
+    (g,) = doc["results"]
+    assert set(g["arms"]) == {"conditional_step", "dense_step"}
+    assert doc["config"]["task"] == task
+
+
+def test_reference_blas_is_marked_not_fair():
+    p = bench("layer", "--tiny", "--json", "--tokens", "4", env={"UFB_NO_OPENBLAS": "1"})
+    doc = json.loads(p.stdout)
+    check_schema(doc)
+    env = doc["env"]
+    assert "reference BLAS" in env["blas"] and env["dense_fair"] is False
+    assert not env["openblas_mapped"]
+    assert doc["warnings"] and "NOT FAIR" in p.stderr
+    for r in doc["results"][0]["ratios"]:
+        dense = doc["results"][0]["arms"][r["baseline"]]["dense_blas"]
+        assert r["fair"] is (not dense) and (r["met"] is None or not dense)
+    assert any(r["baseline"] == "masked_dense" and not r["fair"] for r in doc["results"][0]["ratios"])
+
+
+def test_plot_without_matplotlib_is_one_line_error(tmp_path):
+    fake = tmp_path / "fake" / "matplotlib"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('matplotlib is not installed')\n")
+    p = bench("layer", "--tiny", "--plot", str(tmp_path / "x.png"),
+              env={"PYTHONPATH": os.pathsep.join([str(fake.parent), str(REPO)])}, rc=2)
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and "matplotlib" in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "x.png").exists()
+
+
+def test_bad_option_is_one_line_error():
+    p = bench("layer", "--tiny", "--reps", "0", rc=2)
+    assert p.stderr.startswith("error: --reps") and "Traceback" not in p.stderr
+
+
+def test_harness_interleaves_arms_and_takes_medians():
+    calls = []
+    ticks = {"a": 1.0, "b": 2.0, "c": 4.0}
+    arms = [benchmark.Arm(n, lambda: None) for n in ticks]
+
+    def timer(arm):
+        calls.append(arm.name)
+        return ticks[arm.name]
+
+    times, reps = benchmark.measure(arms, reps=3, warmup=2, timer=timer)
+    assert reps == 3 and calls[:6] == ["a", "a", "b", "b", "c", "c"]       # warm-up per arm
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]        # interleaved, rotating
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert benchmark.arm_stats(times["b"])["median_ms"] == 2000.0
+    # reps=None: as many rounds as fit the budget (7 s per round here), within [min, max]
+    _, reps = benchmark.measure(arms, reps=None, warmup=0, budget_s=30, timer=timer)
+    assert reps == 5

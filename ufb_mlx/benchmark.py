@@ -1,0 +1,719 @@
+"""Benchmarks: conditional FFF against the original masked-dense FFF and dense feedforwards.
+
+    python -m ufb_mlx.benchmark layer [--tokens 1,128,8192] [--compile]
+    python -m ufb_mlx.benchmark model [--batch 1,8] [--seq 128] [--model PATH]
+    python -m ufb_mlx.benchmark train [--batch 16] [--seq 128] [--task classification|mlm]
+    common: [--reps N] [--warmup N] [--budget S] [--tiny] [--json] [--plot out.png]
+
+Every command prints the environment (device, MLX, which BLAS MLX uses and its measured
+1024^3 matmul GFLOP/s), a table of median times per arm, the speedups against the baselines
+with the targets of the "Benchmarks and speed" issue, and (``--plot``) a log-log PNG of
+speedup against tokens per batch. ``--json`` writes one JSON document to stdout (tables and
+progress then go to stderr).
+
+The timing harness (``measure``) is separate from the arms: warm-up per arm, then
+``reps`` rounds in which every arm runs once (interleaved, rotating the order) so that
+drift on a shared machine hits all arms alike; ``mx.eval`` closes every call, so lazy
+evaluation is timed in full. Reported times are medians.
+
+On Linux a dense baseline is only fair with an optimised BLAS (DESIGN.md section 4): unless
+OpenBLAS is loaded, bound (checked in /proc/self/maps and by a matmul's GFLOP/s), ratios
+against dense baselines are marked NOT FAIR and no target is judged on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import blas  # noqa: F401  (ufb_mlx/__init__ has loaded OpenBLAS before mlx)
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+import numpy as np  # noqa: E402
+from mlx.utils import tree_flatten  # noqa: E402
+
+from ufb_ref.config import ModelArgs  # noqa: E402
+from ufb_ref.errors import UFBError  # noqa: E402
+
+from . import fff as fff_lib  # noqa: E402
+from .cli import run  # noqa: E402
+from .model import Model, classification_loss, mlm_loss  # noqa: E402
+
+SCHEMA_VERSION = 1
+MATMUL_N = 1024
+# A 1024^3 matmul: ~6 GFLOP/s on the mlx wheel's reference BLAS, ~90 with OpenBLAS on two
+# cores (less on a busy machine). Below this, MLX is not bound to an optimised BLAS (or the machine is swamped).
+MIN_BLAS_GFLOPS = 12.0
+
+# Targets of the issue "Benchmarks and speed": speedup of arm over baseline, at a size.
+LAYER_TARGETS = {1: 5.0, 128: 15.0, 8192: 10.0}          # conditional vs dense width 4095
+MODEL_TARGETS = {("conditional_forward", "dense_forward"): 3.5,   # batch 8, seq 128
+                 ("conditional_fillmask", "dense_forward"): 5.0}
+MODEL_TARGET_BATCH, TARGET_SEQ = 8, 128
+TRAIN_TARGET, TRAIN_TARGET_BATCH = 2.0, 16
+MEMORY_TARGET = 1.2                                        # fill-mask peak / weights bytes
+
+NO_MATPLOTLIB = "--plot needs matplotlib: pip install 'ultrafastbert-mlx[plot]' (or pip install matplotlib)"
+
+RELEASED = dict(hidden_size=768, num_layers=16, num_heads=12, vocab_size=32768,
+                max_seq_length=128, fff_trees=1, fff_depth=11)
+TINY = dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
+            max_seq_length=32, fff_trees=1, fff_depth=3)
+
+
+def log(*a) -> None:
+    print(*a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- harness
+
+
+@dataclass
+class Arm:
+    """One thing to time. ``fn()`` returns what must be evaluated (any MLX tree, or a NumPy
+    result when ``numpy``). ``dense_blas``: its cost is dense matmuls in MLX's BLAS, so it
+    is a fair baseline only on an optimised BLAS."""
+
+    name: str
+    fn: Callable[[], Any]
+    desc: str = ""
+    dense_blas: bool = False
+    numpy: bool = False
+
+
+def call(arm: Arm):
+    """Run one call to completion: MLX's lazy graph is evaluated inside the timed region."""
+    out = arm.fn()
+    if not arm.numpy:
+        mx.eval(out)
+    return out
+
+
+def time_call(arm: Arm) -> float:
+    t0 = time.perf_counter()
+    call(arm)
+    return time.perf_counter() - t0
+
+
+def measure(arms: list[Arm], reps: int | None = None, warmup: int = 2, budget_s: float = 10.0,
+            min_reps: int = 3, max_reps: int = 50, timer: Callable[[Arm], float] = time_call,
+            ) -> tuple[dict[str, list[float]], int]:
+    """Seconds per call for every arm: ``warmup`` untimed calls per arm, then ``reps`` rounds
+    of one timed call per arm, interleaved (the order rotates each round). ``reps=None``
+    picks as many rounds as fit in ``budget_s`` (from the last warm-up round), clamped to
+    [min_reps, max_reps]. Returns (times per arm name, reps)."""
+    last = {}
+    for arm in arms:
+        for _ in range(max(warmup, 1 if reps is None else 0)):
+            last[arm.name] = timer(arm)
+    if reps is None:
+        round_s = max(sum(last.values()), 1e-6)
+        reps = int(min(max_reps, max(min_reps, math.ceil(budget_s / round_s))))
+    times: dict[str, list[float]] = {a.name: [] for a in arms}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # no collector pauses inside a timed call
+    try:
+        for r in range(reps):
+            k = r % len(arms)
+            for arm in arms[k:] + arms[:k]:
+                times[arm.name].append(timer(arm))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times, reps
+
+
+def arm_stats(ts: list[float]) -> dict:
+    ms = sorted(t * 1e3 for t in ts)
+    q = statistics.quantiles(ms, n=4) if len(ms) >= 2 else [ms[0]] * 3
+    return {"median_ms": statistics.median(ms), "min_ms": ms[0], "max_ms": ms[-1],
+            "q1_ms": q[0], "q3_ms": q[2], "reps": len(ms), "times_ms": [round(t, 4) for t in ms]}
+
+
+# ----------------------------------------------------------------------- environment
+
+
+def _openblas_mapped() -> list[str]:
+    """System OpenBLAS libraries mapped into this process (NumPy's own bundled
+    libscipy_openblas does not count: it is not what MLX calls)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.basename(p).startswith("libopenblas"))
+
+
+def matmul_gflops(n: int = MATMUL_N, reps: int = 3) -> float:
+    """Best-of-reps GFLOP/s of an (n, n) @ (n, n) float32 matmul on the default device."""
+    a = mx.random.normal((n, n), key=mx.random.key(1))
+    b = mx.random.normal((n, n), key=mx.random.key(2))
+    mx.eval(a, b)
+    mx.eval(a @ b)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        mx.eval(a @ b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    dev = mx.default_device()
+    gpu = dev.type == mx.gpu
+    metal = bool(mx.metal.is_available())
+    backend = f"MLX {mx.__version__} " + ("GPU (Metal)" if gpu and metal else "GPU" if gpu else "CPU")
+    mapped = _openblas_mapped()
+    gflops = matmul_gflops()
+    if gpu:
+        fair, reason = True, "dense matmuls run on the GPU"
+    elif sys.platform != "linux":
+        fair, reason = True, f"{blas.status}"
+    elif not blas.status.startswith("OpenBLAS"):
+        fair, reason = False, f"MLX uses {blas.status}"
+    elif not mapped:
+        fair, reason = False, "OpenBLAS was reported loaded but is not mapped in this process"
+    elif gflops < MIN_BLAS_GFLOPS:
+        fair, reason = False, (f"OpenBLAS is loaded but a {MATMUL_N}^3 matmul runs at {gflops:.1f} GFLOP/s "
+                               f"(< {MIN_BLAS_GFLOPS:.0f}): MLX is not bound to it, or the machine is swamped")
+    else:
+        fair, reason = True, f"OpenBLAS bound: {MATMUL_N}^3 matmul at {gflops:.0f} GFLOP/s"
+    try:
+        load = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "mlx_version": mx.__version__,
+        "numpy_version": np.__version__,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "device": "gpu" if gpu else "cpu",
+        "device_name": ("Apple GPU" if metal else "GPU") if gpu else _cpu_model(),
+        "metal": metal,
+        "backend": backend,
+        "cpu_count": os.cpu_count(),
+        "load_average": load,
+        "blas": blas.status,
+        "openblas_mapped": mapped,
+        "matmul_n": MATMUL_N,
+        "matmul_gflops": round(gflops, 2),
+        "dense_fair": fair,
+        "dense_fair_reason": reason,
+    }
+
+
+# ------------------------------------------------------------------------ reporting
+
+
+def ratio(results: dict, arm: str, baseline: str, dense_blas: bool, fair_env: bool,
+          target: float | None = None) -> dict:
+    r = results[baseline]["median_ms"] / results[arm]["median_ms"]
+    fair = fair_env or not dense_blas
+    return {"arm": arm, "baseline": baseline, "ratio": r, "fair": fair,
+            "target": target, "met": (r >= target) if (target is not None and fair) else None}
+
+
+def group(label: str, params: dict, tokens: int, arms: list[Arm], times: dict, reps: int) -> dict:
+    return {"label": label, "params": params, "tokens_per_batch": tokens, "reps": reps,
+            "arms": {a.name: dict(arm_stats(times[a.name]), desc=a.desc, dense_blas=a.dense_blas)
+                     for a in arms},
+            "ratios": []}
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
+def render(doc: dict) -> str:
+    env = doc["env"]
+    out = [f"UltraFastBERT-MLX benchmark: {doc['benchmark']}   ({env['date']})",
+           f"device : {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs, "
+           f"load average {env['load_average']})   backend: {env['backend']}",
+           f"BLAS   : {env['blas']}; {env['matmul_n']}^3 matmul {env['matmul_gflops']:.1f} GFLOP/s"
+           + (f"; mapped: {', '.join(env['openblas_mapped'])}" if env["openblas_mapped"] else "")]
+    cfg = doc["config"]
+    out.append("config : " + ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None))
+    if not env["dense_fair"]:
+        bar = "!" * 88
+        out += [bar, f"!! WARNING: dense baselines are NOT FAIR: {env['dense_fair_reason']}.",
+                "!! Ratios against dense baselines are marked '!' and no target is judged on them.",
+                "!! Fix: apt-get install libopenblas0-pthread, unset UFB_NO_OPENBLAS, import ufb_mlx before mlx.",
+                bar]
+    for g in doc["results"]:
+        out.append("")
+        out.append(f"== {g['label']}  (median of {g['reps']} interleaved reps, ms)")
+        w = max(len(n) for n in g["arms"])
+        out.append(f"  {'arm':<{w}}  {'median':>9}  {'min':>9}  {'q1-q3':>19}  what")
+        for name, a in g["arms"].items():
+            spread = f"{_fmt_ms(a['q1_ms'])}-{_fmt_ms(a['q3_ms'])}"
+            out.append(f"  {name:<{w}}  {_fmt_ms(a['median_ms']):>9}  {_fmt_ms(a['min_ms']):>9}  {spread:>19}  {a['desc']}")
+        if g["ratios"]:
+            w2 = max(len(f"{r['arm']} vs {r['baseline']}") for r in g["ratios"])
+            out.append(f"  {'speedup':<{w2}}  {'ratio':>9}  {'target':>7}  met")
+            for r in g["ratios"]:
+                name = f"{r['arm']} vs {r['baseline']}"
+                val = f"{r['ratio']:.2f}x" + ("" if r["fair"] else "!")
+                tgt = f">={r['target']:g}x" if r["target"] is not None else "-"
+                met = ("yes" if r["met"] else "NO") if r["met"] is not None else (
+                    "n/a (not fair)" if r["target"] is not None else "")
+                out.append(f"  {name:<{w2}}  {val:>9}  {tgt:>7}  {met}")
+    mem = doc.get("memory")
+    if mem:
+        met = "n/a (not the released configuration)" if mem["met"] is None else "yes" if mem["met"] else "NO"
+        tgt = f"target <= {mem['target']:g}" if mem["target"] is not None else f"target <= {MEMORY_TARGET:g}"
+        out += ["", f"== memory: fill-mask peak (batch {mem['batch']}, seq {mem['seq']}, fresh state) "
+                f"{mem['peak_bytes'] / 2**20:.1f} MiB, weights {mem['weights_bytes'] / 2**20:.1f} MiB: "
+                f"ratio {mem['ratio']:.3f} ({tgt}: {met})"]
+    for n in doc.get("notes", []):
+        out.append(f"note: {n}")
+    if not env["dense_fair"]:
+        out.append("!! dense ratios above are NOT FAIR (reference BLAS): see the warning at the top")
+    return "\n".join(out)
+
+
+def plot(doc: dict, path: str) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UFBError(NO_MATPLOTLIB) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple, list] = {}
+    for g in doc["results"]:
+        for r in g["ratios"]:
+            series.setdefault((r["arm"], r["baseline"], r["fair"]), []).append(
+                (g["tokens_per_batch"], r["ratio"], r["target"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for i, ((arm, base, fair), pts) in enumerate(series.items()):
+        pts.sort()
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        color = f"C{i % 10}"
+        label = f"{arm} vs {base}" + ("" if fair else " (NOT FAIR: reference BLAS)")
+        ax.plot(xs, ys, marker="o", color=color, linestyle="-" if fair else ":", label=label)
+        tx = [(p[0], p[2]) for p in pts if p[2] is not None]
+        if tx:
+            ax.scatter([t[0] for t in tx], [t[1] for t in tx], marker="_", s=300, color=color, linewidths=2,
+                       label=f"target ({arm} vs {base})")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per batch")
+    ax.set_ylabel("speedup (baseline time / arm time)")
+    env = doc["env"]
+    ax.set_title(f"ufb_mlx.benchmark {doc['benchmark']}: {env['backend']}, {env['device_name']}\n"
+                 f"{env['blas']}", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- arms
+
+
+def _normal(shape, seed, scale=1.0):
+    return mx.random.normal(shape, key=mx.random.key(seed)) * scale
+
+
+def _dense_ffn(x, w1, b1, w2):
+    """A plain dense feedforward: gelu(x W1^T + b1) W2^T (exact GELU, as the FFF)."""
+    return fff_lib.gelu(mx.addmm(b1, x, w1.T)) @ w2.T
+
+
+def _metal_fff():
+    """``ufb_mlx.kernels.fff_forward(x, w_in, b_in, w_out_t, trees, depth) -> (y, rows, z)``
+    (the fused Metal kernel) where Metal exists; else None."""
+    if not mx.metal.is_available():
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return getattr(kernels, "fff_forward", None)
+
+
+def bench_layer(opts, env) -> dict:
+    H, P, D = (64, 1, 3) if opts.tiny else (768, 1, 11)
+    n = fff_lib.n_nodes(D)
+    width, width_ffn = P * n, 4 * H
+    w_in = _normal((width, H), 1, H**-0.5)
+    b_in = _normal((width,), 2, 0.1)
+    # linear_out.weight (H, P*n) as load() lays it out: the transposed view of a row-major
+    # (P*n, H) buffer, so the conditional FFF reads its rows without a copy.
+    w_out_t = _normal((width, H), 3, width**-0.5)
+    w_out = w_out_t.T
+    w1 = _normal((width_ffn, H), 4, H**-0.5)
+    b1 = _normal((width_ffn,), 5, 0.1)
+    w2 = _normal((H, width_ffn), 6, width_ffn**-0.5)
+    mx.eval(w_in, b_in, w_out_t, w1, b1, w2)
+    np_w = [np.array(a) for a in (w_in, b_in, w_out)]
+    from ufb_ref.fff import fff_descent
+
+    def maybe_compile(f):
+        return mx.compile(f) if opts.compile else f
+
+    cond = maybe_compile(lambda x, a, b, c: fff_lib.fff_conditional(x, a, b, c, P, D))
+    masked = maybe_compile(lambda x, a, b, c: fff_lib.fff_dense(x, a, b, c, P, D))
+    dense = maybe_compile(_dense_ffn)
+    metal = _metal_fff()
+    notes = []
+    if metal is None:
+        notes.append("conditional_metal arm skipped: " + (
+            "no Metal back-end on this device" if not mx.metal.is_available()
+            else "ufb_mlx.kernels.fff_forward not available"))
+    doc = {"results": [], "notes": notes}
+    for T in opts.tokens:
+        x = _normal((T, H), 100 + T)
+        x_np = np.array(x)
+        arms = [Arm("conditional", lambda: cond(x, w_in, b_in, w_out),
+                    f"fff_conditional: {D + 1} of {width} neurons per token (MLX ops)")]
+        if metal is not None:
+            arms.append(Arm("conditional_metal", lambda: metal(x, w_in, b_in, w_out_t, P, D)[0],
+                            "conditional FFF, fused Metal kernel (ufb_mlx.kernels.fff_forward)"))
+        arms += [
+            Arm("masked_dense", lambda: masked(x, w_in, b_in, w_out),
+                f"fff_dense: the original, all {width} neurons then masked", dense_blas=True),
+            Arm(f"dense_{width}", lambda: dense(x, w_in, b_in, w_out),
+                f"dense feedforward of width {width} (same weights)", dense_blas=True),
+            Arm(f"dense_{width_ffn}", lambda: dense(x, w1, b1, w2),
+                f"dense feedforward of width {width_ffn} (crammedBERT's)", dense_blas=True),
+            Arm("numpy_ref", lambda: fff_descent(x_np, *np_w, P, D),
+                "ufb_ref.fff.fff_descent (NumPy reference)", numpy=True),
+        ]
+        same = [(a.name, "masked_dense", a.name.startswith(("conditional", "numpy"))) for a in arms
+                if a.name != "masked_dense"]
+        _check_same(arms, same, f"tokens={T}", notes)
+        log(f"[layer] tokens={T}: timing {len(arms)} arms ...")
+        times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget)
+        g = group(f"layer H={H}, {P}x{D} ({width} neurons), tokens={T}", {"tokens": T}, T, arms, times, reps)
+        targets_apply = not opts.tiny
+        for a in arms:
+            if a.name.startswith("conditional"):
+                for b in arms:
+                    if not b.name.startswith("conditional"):
+                        tgt = LAYER_TARGETS.get(T) if targets_apply and b.name == f"dense_{width}" else None
+                        g["ratios"].append(ratio(g["arms"], a.name, b.name, b.dense_blas, env["dense_fair"], tgt))
+        doc["results"].append(g)
+    doc["config"] = {"hidden": H, "trees": P, "depth": D, "tokens": opts.tokens, "reps": opts.reps or "auto",
+                     "warmup": opts.warmup, "compile": opts.compile, "tiny": opts.tiny}
+    return doc
+
+
+def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes: list) -> None:
+    """Arms compared by a ratio must compute the same thing: same input, same output shape
+    and, for pairs marked True (the same function: conditional vs masked-dense), the same
+    values (rows whose routing differs by a float tie at z ~ 0 are tolerated up to 1 %).
+    Runs every arm once: that call is the first warm-up call."""
+    outs = {a.name: np.asarray(call(a)) for a in arms}
+    for a, b, values in pairs:
+        if outs[a].shape != outs[b].shape:
+            raise UFBError(f"benchmark arms {a} and {b} disagree on the output shape: "
+                           f"{outs[a].shape} != {outs[b].shape}")
+        if not values:
+            continue
+        x, y = outs[a].reshape(-1, outs[a].shape[-1]), outs[b].reshape(-1, outs[b].shape[-1])
+        tol = 1e-3 * (float(np.abs(y).max()) + 1e-6)
+        bad = ~np.isclose(x, y, rtol=1e-3, atol=tol).all(-1)
+        if bad.mean() > 0.01:
+            notes.append(f"{size}: {a} and {b} differ on {bad.mean():.1%} of rows")
+
+
+def _model_args(opts, task="mlm") -> ModelArgs:
+    kw = dict(TINY if opts.tiny else RELEASED)
+    if task == "classification":
+        kw.update(task="classification", num_labels=2, head_dim=1024 if not opts.tiny else 32)
+    args = ModelArgs(**kw)
+    args.validate()
+    return args
+
+
+def _as_loaded(model: Model) -> Model:
+    """Random weights laid out as ``load()`` lays out a checkpoint's (its ``column_major``
+    linear_out), so a random model costs what a loaded one costs."""
+    from . import model as model_lib
+
+    column_major = getattr(model_lib, "column_major", None)
+    if column_major is not None and model.args.intermed_type == "fff":
+        for layer in model.encoder.layers:
+            layer.ffn.linear_out.weight = column_major(layer.ffn.linear_out.weight)
+    mx.eval(model.parameters())
+    return model
+
+
+def _inputs(args: ModelArgs, B: int, S: int, seed: int):
+    rng = np.random.default_rng(seed)
+    ids = mx.array(rng.integers(7, args.vocab_size, size=(B, S)).astype(np.int32))
+    mask = mx.ones((B, S), dtype=mx.int32)
+    pos = mx.array(rng.integers(1, S, size=(B,)).astype(np.int32))  # one <mask> per sequence
+    return ids, mask, pos
+
+
+def fill_mask(model: Model, ids, mask, pos):
+    """Logits at one mask position per sequence only: (B, vocab)."""
+    h = model.encode(ids, mask)
+    rows = mx.take_along_axis(h, pos[:, None, None], axis=1)[:, 0]
+    return model.mlm_logits(rows)
+
+
+def _weights_bytes(model: Model) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def _peak_fill_mask(model: Model, args: ModelArgs, B: int, S: int, judge: bool) -> dict:
+    """Peak MLX memory of one fill-mask call, measured first (nothing but the weights and
+    the inputs alive), against the weights' bytes."""
+    ids, mask, pos = _inputs(args, B, S, 7)
+    mx.eval(ids, mask, pos)
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(fill_mask(model, ids, mask, pos))
+    peak = mx.get_peak_memory()
+    wb = _weights_bytes(model)
+    return {"batch": B, "seq": S, "weights_bytes": wb, "peak_bytes": peak, "ratio": peak / wb,
+            "target": MEMORY_TARGET if judge else None, "met": (peak / wb <= MEMORY_TARGET) if judge else None}
+
+
+def _check_seq(opts, args: ModelArgs) -> int:
+    S = opts.seq or (16 if opts.tiny else TARGET_SEQ)
+    if S > args.max_seq_length:
+        raise UFBError(f"--seq {S} exceeds the model's max_seq_length {args.max_seq_length}")
+    return S
+
+
+def bench_model(opts, env) -> dict:
+    notes: list[str] = []
+    doc: dict = {"results": [], "notes": notes}
+    if opts.model:
+        from .model import load
+
+        cond_only, _ = load(opts.model, fff_mode="conditional")
+        args = cond_only.args
+    else:
+        args = _model_args(opts)
+        cond_only = _as_loaded(Model(args, "conditional"))
+        cond_only.eval()
+    S = _check_seq(opts, args)
+    mlm = args.task == "mlm"
+    full_config = not opts.tiny and all(getattr(args, k) == v for k, v in RELEASED.items())
+    if mlm:  # first, in a fresh state: only the conditional model's weights are alive
+        doc["memory"] = _peak_fill_mask(cond_only, args, max(opts.batch), S, full_config)
+    else:
+        notes.append("classifier checkpoint: no fill-mask arms and no memory measurement")
+    cond = cond_only
+    dense = Model(args, "dense")
+    dense.update(cond.parameters())
+    dense.eval()
+    mx.eval(dense.parameters())
+    for B in opts.batch:
+        ids, mask, pos = _inputs(args, B, S, B)
+        mx.eval(ids, mask, pos)
+        what = "MLM logits (B, S, vocab)" if mlm else "classifier logits"
+        arms = [Arm("conditional_forward", lambda: cond(ids, attention_mask=mask), f"full forward, {what}"),
+                Arm("dense_forward", lambda: dense(ids, attention_mask=mask),
+                    f"full forward, masked-dense FFF, {what}", dense_blas=True)]
+        if mlm:
+            arms += [Arm("conditional_fillmask", lambda: fill_mask(cond, ids, mask, pos),
+                         "encode + logits at 1 mask per sequence (B, vocab)"),
+                     Arm("dense_fillmask", lambda: fill_mask(dense, ids, mask, pos),
+                         "masked-dense encode + logits at the mask rows", dense_blas=True)]
+        _check_same(arms, [("conditional_forward", "dense_forward", True)]
+                    + ([("conditional_fillmask", "dense_fillmask", True)] if mlm else []), f"batch={B}", notes)
+        log(f"[model] batch={B} seq={S}: timing {len(arms)} arms ...")
+        times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget)
+        g = group(f"model ({args.num_layers} layers, H={args.hidden_size}, {args.fff_trees}x{args.fff_depth}, "
+                  f"vocab {args.vocab_size}) batch={B} seq={S}", {"batch": B, "seq": S}, B * S, arms, times, reps)
+        at_target = full_config and B == MODEL_TARGET_BATCH and S == TARGET_SEQ
+        pairs = [("conditional_forward", "dense_forward")]
+        if mlm:
+            pairs += [("conditional_fillmask", "dense_forward"), ("conditional_fillmask", "dense_fillmask")]
+        for a, b in pairs:
+            tgt = MODEL_TARGETS.get((a, b)) if at_target else None
+            g["ratios"].append(ratio(g["arms"], a, b, True, env["dense_fair"], tgt))
+        doc["results"].append(g)
+    doc["config"] = {"model": opts.model or ("random tiny" if opts.tiny else "random, released configuration"),
+                     "layers": args.num_layers, "hidden": args.hidden_size, "trees": args.fff_trees,
+                     "depth": args.fff_depth, "vocab": args.vocab_size, "batch": opts.batch, "seq": S,
+                     "reps": opts.reps or "auto", "warmup": opts.warmup, "tiny": opts.tiny}
+    return doc
+
+
+def bench_train(opts, env) -> dict:
+    task = opts.task
+    if opts.model:
+        from .model import load
+
+        cond, _ = load(opts.model, fff_mode="conditional")
+        args = cond.args
+        task = args.task
+    else:
+        args = _model_args(opts, task)
+        cond = _as_loaded(Model(args, "conditional"))
+    S = _check_seq(opts, args)
+    dense = Model(args, "dense")
+    dense.update(cond.parameters())  # same starting weights; each arm then updates its own
+    loss_fn = classification_loss if task == "classification" else mlm_loss
+    full_config = not opts.tiny and all(getattr(args, k) == v for k, v in RELEASED.items())
+    doc: dict = {"results": [], "notes": []}
+    for B in opts.batch:
+        rng = np.random.default_rng(B)
+        ids = mx.array(rng.integers(7, args.vocab_size, size=(B, S)).astype(np.int32))
+        mask = mx.ones((B, S), dtype=mx.int32)
+        if task == "classification":
+            labels = mx.array(rng.integers(0, args.num_labels, size=(B,)).astype(np.int32))
+        else:  # 25 % of the positions labelled, as in pretraining
+            lab = np.full((B, S), -100, dtype=np.int32)
+            sel = rng.random((B, S)) < 0.25
+            sel[:, 0] = True
+            lab[sel] = rng.integers(7, args.vocab_size, size=int(sel.sum()))
+            labels = lab
+        arms = []
+        for name, m in (("conditional_step", cond), ("dense_step", dense)):
+            m.set_dropout(0.1)
+            m.train()
+            opt = optim.AdamW(learning_rate=4e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01)
+            vg = nn.value_and_grad(m, loss_fn)
+
+            def step(m=m, opt=opt, vg=vg):
+                loss, grads = vg(m, ids, mask, labels)
+                opt.update(m, grads)
+                return m.parameters(), opt.state, loss
+
+            arms.append(Arm(name, step, f"{task} loss, forward + backward + AdamW"
+                            + (", masked-dense FFF" if name == "dense_step" else ", conditional FFF"),
+                            dense_blas=name == "dense_step"))
+        log(f"[train] batch={B} seq={S}: timing {len(arms)} arms ...")
+        times, reps = measure(arms, opts.reps, opts.warmup, opts.budget)
+        g = group(f"train step ({args.num_layers} layers, H={args.hidden_size}, {args.fff_trees}x{args.fff_depth}, "
+                  f"{task}) batch={B} seq={S}", {"batch": B, "seq": S}, B * S, arms, times, reps)
+        tgt = TRAIN_TARGET if full_config and B == TRAIN_TARGET_BATCH and S == TARGET_SEQ else None
+        g["ratios"].append(ratio(g["arms"], "conditional_step", "dense_step", True, env["dense_fair"], tgt))
+        doc["results"].append(g)
+    doc["config"] = {"model": opts.model or ("random tiny" if opts.tiny else "random, released configuration"),
+                     "task": task, "layers": args.num_layers, "hidden": args.hidden_size, "trees": args.fff_trees,
+                     "depth": args.fff_depth, "batch": opts.batch, "seq": S, "optimizer": "AdamW",
+                     "dropout": 0.1, "reps": opts.reps or "auto", "warmup": opts.warmup, "tiny": opts.tiny}
+    return doc
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        vals = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return vals
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ufb_mlx.benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--reps", type=int, default=None,
+                        help="timed rounds (every arm once per round); default: as many as fit --budget, 3..50")
+    common.add_argument("--warmup", type=int, default=None, help="untimed calls per arm first (default 2; --tiny 1)")
+    common.add_argument("--budget", type=float, default=10.0,
+                        help="seconds of timed rounds per size when --reps is not given (default 10)")
+    common.add_argument("--tiny", action="store_true",
+                        help="tiny sizes (hidden 64, depth 3, 2 layers, vocab 512, seq 16, 1 rep) for smoke tests")
+    common.add_argument("--json", action="store_true", help="one JSON document on stdout (tables go to stderr)")
+    common.add_argument("--plot", metavar="PNG", help="write a log-log plot of speedup against tokens per batch (needs matplotlib)")
+    sub = p.add_subparsers(dest="command", required=True)
+    lay = sub.add_parser("layer", parents=[common], help="one FFF layer against masked-dense, dense and NumPy")
+    lay.add_argument("--tokens", type=_int_list, default=None, help="token counts (default 1,128,8192; --tiny 1,16)")
+    lay.add_argument("--compile", action="store_true", help="mx.compile every MLX arm")
+    mod = sub.add_parser("model", parents=[common], help="full model: MLM forward and fill-mask")
+    mod.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,8; --tiny 1,2)")
+    mod.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)")
+    mod.add_argument("--model", metavar="PATH", help="a converted/Hub-layout folder or Hub id instead of random weights")
+    tr = sub.add_parser("train", parents=[common], help="one fine-tuning step (forward + backward + AdamW)")
+    tr.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 16; --tiny 2)")
+    tr.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)")
+    tr.add_argument("--task", choices=("classification", "mlm"), default="classification",
+                    help="loss of the step with random weights (default classification, as GLUE fine-tuning)")
+    tr.add_argument("--model", metavar="PATH", help="a checkpoint instead of random weights (its task decides the loss)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
+    if opts.reps is None and opts.tiny:
+        opts.reps = 1
+    if opts.warmup is None:
+        opts.warmup = 1 if opts.tiny else 2
+    if opts.reps is not None and opts.reps < 1:
+        raise UFBError(f"--reps must be >= 1, got {opts.reps}")
+    if opts.warmup < 0:
+        raise UFBError(f"--warmup must be >= 0, got {opts.warmup}")
+    if opts.budget <= 0:
+        raise UFBError(f"--budget must be > 0, got {opts.budget}")
+    if getattr(opts, "seq", None) is not None and opts.seq < 1:
+        raise UFBError(f"--seq must be >= 1, got {opts.seq}")
+    if opts.command == "layer" and opts.tokens is None:
+        opts.tokens = [1, 16] if opts.tiny else [1, 128, 8192]
+    if opts.command == "model" and opts.batch is None:
+        opts.batch = [1, 2] if opts.tiny else [1, 8]
+    if opts.command == "train" and opts.batch is None:
+        opts.batch = [2] if opts.tiny else [16]
+    if opts.plot:  # fail before the work, not after it
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UFBError(NO_MATPLOTLIB) from None
+    mx.random.seed(0)
+    env = environment()
+    log(f"[{opts.command}] {env['backend']} on {env['device']}; BLAS: {env['blas']} "
+        f"({env['matmul_gflops']:.1f} GFLOP/s); dense baselines fair: {env['dense_fair']}")
+    bench = {"layer": bench_layer, "model": bench_model, "train": bench_train}[opts.command]
+    body = bench(opts, env)
+    doc = {"schema": SCHEMA_VERSION, "benchmark": opts.command, "env": env, "config": body["config"],
+           "results": body["results"], "notes": body.get("notes", [])}
+    if "memory" in body:
+        doc["memory"] = body["memory"]
+    doc["targets"] = [dict(r, size=g["label"]) for g in doc["results"] for r in g["ratios"] if r["target"] is not None]
+    doc["warnings"] = [] if env["dense_fair"] else [f"dense baselines NOT FAIR: {env['dense_fair_reason']}"]
+    table = render(doc)
+    if opts.plot:
+        plot(doc, opts.plot)
+        table += f"\nplot: {opts.plot}"
+    if opts.json:
+        log(table)
+        print(json.dumps(doc, indent=1))
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
