@@ -136,7 +136,7 @@ def _conditional(trees: int, depth: int, top: int):
             y = a_top @ _top_rows(w_out_t, trees, depth, m)
         if top <= depth:
             r, zb = bottom(rows, z)                                   # (T, K)
-            y = y + (gelu(zb)[:, None, :] @ w_out_t[r])[:, 0]
+            y = y + _combine_rows(gelu(zb), w_out_t, r)
         if not top:
             z_top = on_path = mx.zeros((T, trees, 0), x.dtype)
         return y, rows, z, z_top, on_path
@@ -157,8 +157,8 @@ def _conditional(trees: int, depth: int, top: int):
             grads_top = (dz_top.T @ x, dz_top.sum(0), a_top.T @ dy)
         if top <= depth:
             r, zb = bottom(rows, z)                                    # (T, K)
-            dz = (w_out_t[r] @ dy[:, :, None])[..., 0] * gelu_grad(zb)  # (T, K)
-            dx = dx + (dz[:, None, :] @ w_in[r])[:, 0]
+            dz = _dot_rows(w_out_t, r, dy) * gelu_grad(zb)            # (T, K)
+            dx = dx + _combine_rows(dz, w_in, r)
             # Row gradients of the rows below the top part, (P*(n-m), ...): sort the
             # visits by row and let one segmented matmul sum each row's segment. Unlike a
             # scatter-add this reads memory in order, and the sums are deterministic.
@@ -169,6 +169,30 @@ def _conditional(trees: int, depth: int, top: int):
             grads_top or (None,) * 3, grads_bottom or (None,) * 3))
 
     return f
+
+
+# Gathering all K visited rows of a large batch at once makes a (T, K, H) temporary
+# (126 MB at 8192 tokens): past this many elements, gather one visit column at a time.
+GATHER_AT_ONCE_MAX = 2**22
+
+
+def _combine_rows(coeff, table, r):
+    """sum_k coeff[t, k] * table[r[t, k]]: (T, K), (N, H), (T, K) -> (T, H)."""
+    T, K = r.shape
+    if T * K * table.shape[1] <= GATHER_AT_ONCE_MAX:
+        return (coeff[:, None, :] @ table[r])[:, 0]
+    out = coeff[:, :1] * table[r[:, 0]]
+    for k in range(1, K):
+        out = out + coeff[:, k:k + 1] * table[r[:, k]]
+    return out
+
+
+def _dot_rows(table, r, v):
+    """table[r[t, k]] . v[t]: (N, H), (T, K), (T, H) -> (T, K)."""
+    T, K = r.shape
+    if T * K * table.shape[1] <= GATHER_AT_ONCE_MAX:
+        return (table[r] @ v[:, :, None])[..., 0]
+    return mx.stack([(table[r[:, k]] * v).sum(-1) for k in range(K)], axis=1)
 
 
 def _segment_sums(rows, n_rows, tokens, dz, a, x, dy):
