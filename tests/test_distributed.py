@@ -13,7 +13,6 @@ its own dropout masks, which a single process cannot reproduce.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from conftest import MLM
 from train_utils import keyword_task, load_weights, mlx_launch, read_log, run_module, toy_corpus, write_jsonl
@@ -74,8 +73,6 @@ def test_two_processes_equal_one_process_with_double_batch_pretrain(tmp_path):
     proc = mlx_launch(2, "ufb_mlx.pretrain", *common, "--out", two, "--batch-size", "4")
     _launch_ok(proc, two)
     run_module("ufb_mlx.pretrain", *common, "--out", one, "--batch-size", "8", "--tokenizer", two)
-    import mlx.core as mx  # noqa: F401  (loaded by ufb_mlx in conftest)
-
     start = {}  # from scratch: compare against the size of the weights instead
     _compare(one / "model.safetensors", two / "model.safetensors", start)
     ev1 = [r["mlm_loss"] for r in read_log(one) if r["event"] == "eval"]

@@ -5,18 +5,15 @@ pairs from CSV, kill -9 and --resume (bit-identical weights), and every bad inpu
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
 import ufb_mlx
-from conftest import CLS, MLM, REPO
-from train_utils import (count_task, env, keyword_task, load_weights, read_log, run_module, write_csv,
-                         write_jsonl)
+from conftest import CLS, MLM
+from train_utils import (count_task, keyword_task, load_weights, read_log, run_killed_after, run_module,
+                         write_csv, write_jsonl)
 from ufb_mlx.cli import run
 
 
@@ -98,17 +95,7 @@ def test_kill_and_resume_is_bit_identical(keyword_data, tmp_path):
     run_module("ufb_mlx.finetune", *_finetune_args(train, valid, ref))
 
     # The same run, killed with SIGKILL right after its second checkpoint (of 80 steps).
-    cmd = [sys.executable, "-m", "ufb_mlx.finetune", *map(str, _finetune_args(train, valid, cut))]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("checkpoint step 10"):
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    run_killed_after("ufb_mlx.finetune", _finetune_args(train, valid, cut), "checkpoint step 10")
     last = max(r["step"] for r in read_log(cut) if r["event"] == "train")
     assert last < 80, "the run finished before it was killed"
     assert not (cut / "checkpoints" / "step-00000080").exists()

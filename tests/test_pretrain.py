@@ -6,16 +6,13 @@ every bad input."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import ufb_mlx
-from conftest import CLS, MLM, REPO
-from train_utils import env, keyword_task, load_weights, read_log, run_module, toy_corpus
+from conftest import CLS, MLM
+from train_utils import keyword_task, load_weights, read_log, run_killed_after, run_module, toy_corpus
 from ufb_mlx.cli import run
 
 TINY = ["--config", "tiny", "--seq-length", "32", "--vocab-size", "200"]
@@ -84,17 +81,7 @@ def _pretrain_args(corpus, out, *extra):
 
 def test_kill_and_resume_is_bit_identical(corpus, tmp_path):
     cut, ref = tmp_path / "cut", tmp_path / "ref"
-    cmd = [sys.executable, "-m", "ufb_mlx.pretrain", *map(str, _pretrain_args(corpus, cut))]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for line in proc.stdout:
-            if line.startswith("checkpoint step 20"):
-                proc.send_signal(signal.SIGKILL)
-                break
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, cut), "checkpoint step 20")
     assert max(r["step"] for r in read_log(cut) if r["event"] == "train") < 80
 
     # Training a tokenizer is not reproducible, so the uninterrupted reference run uses the

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -128,3 +129,19 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
 def read_log(out: Path) -> list[dict]:
     p = Path(out) / "log.jsonl"
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def run_killed_after(module: str, args, marker: str, timeout: float = 60) -> None:
+    """Run ``python -m module args`` and SIGKILL it as soon as it prints a line starting
+    with ``marker`` (e.g. "checkpoint step 10"): a crash at the worst moment."""
+    cmd = [sys.executable, "-m", module, *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(marker):
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL, f"{module} was not killed at '{marker}'"

@@ -150,14 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
     m.add_argument("--metric", choices=tuple(M.HIGHER_IS_BETTER),
                    help="selects the best model (default: accuracy; pearson for regression)")
-    r = p.add_argument_group("run")
-    r.add_argument("--eval-batch-size", type=int, default=64)
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at epoch ends only)")
-    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
-    r.add_argument("--quiet", action="store_true", help="no progress lines (log.jsonl is still written)")
+    T.add_run_arguments(p, save_every=0, save_help="checkpoint every N steps (0: at epoch ends only)")
     return p
 
 

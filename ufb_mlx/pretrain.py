@@ -34,7 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ufb_ref.checkpoint import resolve
+from ufb_ref.checkpoint import read_json_object, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import Tokenizer
@@ -60,12 +60,7 @@ def config_from(spec: str) -> dict:
     path = Path(spec)
     if not path.is_file():
         raise UFBError(f"--config must be one of {', '.join(PRESETS)} or a JSON file; '{spec}' is neither")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UFBError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(cfg, dict):
-        raise UFBError(f"{path}: not a JSON object")
+    cfg = read_json_object(path)
     if "arch" in cfg:
         raise UFBError(f"{path}: a Hub crammedBERT config; --config takes the flat config of this project "
                        "(as in a converted model's config.json)")
@@ -133,15 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dropout", type=float, default=0.0)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
-    r = p.add_argument_group("run")
+    r = T.add_run_arguments(p, save_every=500, save_help="checkpoint (and model) every N steps, and at the end")
     r.add_argument("--eval-every", type=int, default=100)
-    r.add_argument("--eval-batch-size", type=int, default=64)
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--save-every", type=int, default=500, help="checkpoint (and model) every N steps, and at the end")
-    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
-    r.add_argument("--quiet", action="store_true")
     return p
 
 

@@ -107,6 +107,19 @@ class World:
 # Optimizer and schedule
 
 
+def add_run_arguments(parser, save_every: int, save_help: str):
+    """The "run" options that fine-tuning and pretraining share; returns the group."""
+    r = parser.add_argument_group("run")
+    r.add_argument("--eval-batch-size", type=int, default=64)
+    r.add_argument("--log-every", type=int, default=10)
+    r.add_argument("--save-every", type=int, default=save_every, help=save_help)
+    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
+    r.add_argument("--quiet", action="store_true", help="no progress lines (log.jsonl is still written)")
+    return r
+
+
 def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
     """Learning rate as a function of the number of updates already done (0 for the first).
     ``cosine``: linear warm-up over the first ``warmup`` fraction, then cosine decay to 0

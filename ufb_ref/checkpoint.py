@@ -59,17 +59,22 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
         raise UFBError(f"could not download '{repo_id}' from the Hub: {str(e).splitlines()[0]}") from e
 
 
-def read_config(folder: Path) -> ModelArgs:
-    path = folder / CONFIG_FILE
-    if not path.is_file():
-        raise UFBError(f"{path}: no config.json in the model folder")
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object; anything else is an error naming the file."""
     try:
         cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UFBError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(cfg, dict):
         raise UFBError(f"{path}: not a JSON object")
-    return ModelArgs.from_dict(cfg)
+    return cfg
+
+
+def read_config(folder: Path) -> ModelArgs:
+    path = folder / CONFIG_FILE
+    if not path.is_file():
+        raise UFBError(f"{path}: no config.json in the model folder")
+    return ModelArgs.from_dict(read_json_object(path))
 
 
 # ---------------------------------------------------------------------------------------
