@@ -20,6 +20,7 @@ import ufb_mlx
 import ufb_ref
 from convert import convert
 from ufb_mlx.model import Model, mlm_loss
+from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.config import ModelArgs
 from ufb_ref.model import mlm_loss as ref_mlm_loss
 
@@ -97,7 +98,9 @@ def test_twin_converts_and_trains(twin, tmp_path):
     out = convert(str(twin), tmp_path / "conv", dtype="float16")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["intermed_type"] == "ffn" and cfg["ffn_width"] == 15
-    half, tok = ufb_mlx.load(out)
+    _, dtypes = read_safetensors(out / "model.safetensors")
+    assert set(dtypes.values()) == {"F16"}
+    half, tok = ufb_mlx.load(out, dtype=mx.float16)
     assert half.encoder.layers[0].ffn.linear_in.weight.dtype == mx.float16
 
     model, _ = ufb_mlx.load(twin)

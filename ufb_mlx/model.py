@@ -230,13 +230,16 @@ def column_major(w):
 
 def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None):
     """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
-    ``dtype`` (e.g. mx.float16) casts the weights; default: as stored."""
+    ``dtype`` (e.g. mx.float16) casts the weights. Default: as stored on a Metal GPU; on
+    other devices half-precision weights are widened to float32, because MLX's CPU
+    backend has no BLAS path for half-precision matmuls (they run ~50x slower)."""
     if fff_mode not in FFF_MODES:
         raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
     ckpt = load_checkpoint(path_or_hub_id)
     args = ckpt.args
     model = Model(args, fff_mode)
-    stored = {"BF16": mx.bfloat16, "F16": mx.float16}
+    on_gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
+    stored = {"BF16": mx.bfloat16, "F16": mx.float16} if on_gpu else {}
     arrays = {k: mx.array(v).astype(dtype or stored.get(ckpt.dtypes[k], mx.float32))
               for k, v in ckpt.weights.items()}
     if args.intermed_type == "fff":
