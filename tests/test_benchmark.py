@@ -3,7 +3,6 @@ timed, the reference-BLAS guard, the plot. Nothing here asserts anything about s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -68,16 +67,14 @@ def check_schema(doc: dict) -> None:
 
 def test_layer(tmp_path):
     png = tmp_path / "speedup.png"
-    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
-    doc = bench_json("layer", "--tokens", "1,8", *plot)
+    doc = bench_json("layer", "--tokens", "1,8", "--plot", str(png))  # matplotlib: in the [test] extra
     assert doc["benchmark"] == "layer"
     assert [g["params"]["tokens"] for g in doc["results"]] == [1, 8]
     for g in doc["results"]:
         assert {"conditional", "masked_dense", "dense_15", "dense_256", "numpy_ref"} <= set(g["arms"])
         assert {(r["arm"], r["baseline"]) for r in g["ratios"]} >= {
             ("conditional", "masked_dense"), ("conditional", "dense_15"), ("conditional", "numpy_ref")}
-    if plot:
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_model():
