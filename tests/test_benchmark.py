@@ -77,6 +77,14 @@ def test_layer(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_layer_backward():
+    doc = bench_json("layer", "--tokens", "4", "--backward")
+    assert doc["config"]["backward"] is True
+    (g,) = doc["results"]
+    assert {"conditional", "masked_dense", "numpy_ref"} <= set(g["arms"])
+    assert all(r["target"] is None for r in g["ratios"])  # the targets are forward ones
+
+
 def test_model():
     doc = bench_json("model", "--batch", "1,2")
     assert [g["params"]["batch"] for g in doc["results"]] == [1, 2]

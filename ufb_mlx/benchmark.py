@@ -379,9 +379,21 @@ def bench_layer(opts, env) -> dict:
     def maybe_compile(f):
         return mx.compile(f) if opts.compile else f
 
-    cond = maybe_compile(lambda x, a, b, c: fff_lib.fff_conditional(x, a, b, c, P, D))
-    masked = maybe_compile(lambda x, a, b, c: fff_lib.fff_dense(x, a, b, c, P, D))
-    dense = maybe_compile(_dense_ffn)
+    def with_backward(f):
+        """--backward: forward + backward, the gradients of sum(y * dy) w.r.t. every input."""
+        if not opts.backward:
+            return f
+        return lambda x, a, b, c: mx.vjp(f, [x, a, b, c], [_normal((x.shape[0], H), 7)])[1]
+
+    cond = maybe_compile(with_backward(lambda x, a, b, c: fff_lib.fff_conditional(x, a, b, c, P, D)))
+    masked = maybe_compile(with_backward(lambda x, a, b, c: fff_lib.fff_dense(x, a, b, c, P, D)))
+    dense = maybe_compile(with_backward(_dense_ffn))
+    from ufb_ref.fff import fff_descent_vjp
+
+    def numpy_ref(x_np):
+        if opts.backward:
+            return fff_descent_vjp(x_np, *np_w, P, D, np.array(_normal((x_np.shape[0], H), 7)))
+        return fff_descent(x_np, *np_w, P, D)
     metal = _metal_fff()
     notes = []
     if metal is None:
@@ -394,7 +406,7 @@ def bench_layer(opts, env) -> dict:
         x_np = np.array(x)
         arms = [Arm("conditional", lambda: cond(x, w_in, b_in, w_out),
                     f"fff_conditional: {D + 1} of {width} neurons per token (MLX ops)")]
-        if metal is not None:
+        if metal is not None and not opts.backward:
             arms.append(Arm("conditional_metal", lambda: metal(x, w_in, b_in, w_out_t, P, D)[0],
                             "conditional FFF, fused Metal kernel (ufb_mlx.kernels.fff_forward)"))
         arms += [
@@ -404,8 +416,9 @@ def bench_layer(opts, env) -> dict:
                 f"dense feedforward of width {width} (same weights)", dense_blas=True),
             Arm(f"dense_{width_ffn}", lambda: dense(x, w1, b1, w2),
                 f"dense feedforward of width {width_ffn} (crammedBERT's)", dense_blas=True),
-            Arm("numpy_ref", lambda: fff_descent(x_np, *np_w, P, D),
-                "ufb_ref.fff.fff_descent (NumPy reference)", numpy=True),
+            Arm("numpy_ref", lambda: numpy_ref(x_np),
+                "ufb_ref.fff (NumPy reference" + (", descent + its VJP)" if opts.backward else " descent)"),
+                numpy=True),
         ]
         same = [(a.name, "masked_dense", a.name.startswith(("conditional", "numpy"))) for a in arms
                 if a.name != "masked_dense"]
@@ -413,7 +426,7 @@ def bench_layer(opts, env) -> dict:
         log(f"[layer] tokens={T}: timing {len(arms)} arms ...")
         times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget)
         g = group(f"layer H={H}, {P}x{D} ({width} neurons), tokens={T}", {"tokens": T}, T, arms, times, reps)
-        targets_apply = not opts.tiny
+        targets_apply = not opts.tiny and not opts.backward  # the targets are forward targets
         for a in arms:
             if a.name.startswith("conditional"):
                 for b in arms:
@@ -422,6 +435,7 @@ def bench_layer(opts, env) -> dict:
                         g["ratios"].append(ratio(g["arms"], a.name, b.name, b.dense_blas, env["dense_fair"], tgt))
         doc["results"].append(g)
     doc["config"] = {"hidden": H, "trees": P, "depth": D, "tokens": opts.tokens, "reps": opts.reps or "auto",
+                     "backward": opts.backward,
                      "warmup": opts.warmup, "compile": opts.compile, "tiny": opts.tiny}
     return doc
 
@@ -431,7 +445,8 @@ def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes
     and, for pairs marked True (the same function: conditional vs masked-dense), the same
     values (rows whose routing differs by a float tie at z ~ 0 are tolerated up to 1 %).
     Runs every arm once: that call is the first warm-up call."""
-    outs = {a.name: np.asarray(call(a)) for a in arms}
+    # Backward arms return every gradient; the input gradient (the first) stands for them.
+    outs = {a.name: np.asarray((lambda o: o[0] if isinstance(o, (tuple, list)) else o)(call(a))) for a in arms}
     for a, b, values in pairs:
         if outs[a].shape != outs[b].shape:
             raise UFBError(f"benchmark arms {a} and {b} disagree on the output shape: "
@@ -653,6 +668,8 @@ def parser() -> argparse.ArgumentParser:
     lay = sub.add_parser("layer", parents=[common], help="one FFF layer against masked-dense, dense and NumPy")
     lay.add_argument("--tokens", type=_int_list, default=None, help="token counts (default 1,128,8192; --tiny 1,16)")
     lay.add_argument("--compile", action="store_true", help="mx.compile every MLX arm")
+    lay.add_argument("--backward", action="store_true",
+                     help="time forward + backward (all gradients of sum(y * dy)) instead of the forward")
     mod = sub.add_parser("model", parents=[common], help="full model: MLM forward and fill-mask")
     mod.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,8; --tiny 1,2)")
     mod.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)")
