@@ -56,9 +56,9 @@ from ufb_ref.tokenizer import pad_batch
 from .cli import run
 from .model import load
 
-# The model used when --model is not given; None: --model is required. (A later issue
-# ships a demo model: set its folder or Hub id here and nothing else changes.)
-DEFAULT_MODEL: str | None = None
+# The model used when --model is not given: the small demo model that ships inside the
+# package (ufb_mlx/demo_model, see its README.md), so the tool works offline.
+DEFAULT_MODEL: str | None = str(Path(__file__).resolve().parent / "demo_model")
 
 STRATEGIES = ("iterative", "parallel")
 
@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog='example: python -m ufb_mlx.generate --model ../shared/golden/ufb-tiny-1x3 '
                '--prompt "The capital of France is [MASK]."')
     p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
-                   help="converted or Hub-layout model folder, or a Hub repo id")
+                   help="converted or Hub-layout model folder, or a Hub repo id "
+                        "(default: the demo model shipped in ufb_mlx/demo_model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append",
                      help="text with one or more masks; '-' reads one prompt from stdin (repeatable)")
