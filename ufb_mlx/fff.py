@@ -27,8 +27,8 @@ import numpy as np
 
 from . import kernels
 
-TOP_LEVELS = 7  # levels computed as one small matmul: 127 rows per tree (DESIGN.md sec. 5)
-COMPILE_MAX_TOKENS = 32  # up to this many tokens the forward runs as a compiled graph
+TOP_LEVELS = 6  # levels computed as one small matmul: 63 rows per tree (measured best here)
+COMPILE_MAX_TOKENS = 256  # up to this many tokens the forward runs as a compiled graph
 
 
 def n_nodes(depth: int) -> int:
@@ -255,9 +255,10 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | Non
     w_out_t = mx.contiguous(w_out.T).astype(f32)
     T = x2.shape[0]
     if 0 < T <= COMPILE_MAX_TOKENS:
-        # Few tokens: the time is op dispatch, which a compiled graph cuts. Pad to a
-        # power of two so that each bucket compiles once (zero rows route harmlessly).
-        bucket = 1 << (T - 1).bit_length()
+        # Few tokens: much of the time is op dispatch, which a compiled graph cuts. Pad to
+        # a bucket (powers of two up to 32, then multiples of 32) so that each bucket
+        # compiles once and padding adds little work (zero rows route harmlessly).
+        bucket = 1 << (T - 1).bit_length() if T <= 32 else -(-T // 32) * 32
         if bucket != T:
             x2 = mx.concatenate([x2, mx.zeros((bucket - T, H), dtype=f32)])
         y = _compiled(trees, depth, _split(depth, top))(x2, w_in.astype(f32), b_in.astype(f32), w_out_t)[:T]
