@@ -239,13 +239,8 @@ def main(argv=None) -> int:
     best = {"metric": a.metric, "value": None, "step": None, "epoch": None, "metrics": None}
     start = 0
     if resume_from is not None:
-        if world.main:
-            T.clean_stale_temporaries(out)
-        state = T.load_checkpoint(resume_from[1], model, optimizer)
-        T.check_resume(state.get("run", {}), run_cfg)
+        state = T.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, total)
         start, best = state["step"], state.get("best", best)
-        logger.truncate_after(start)
-        logger.print(f"resuming from {resume_from[1]} (step {start}/{total})")
     else:
         logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
                      + (f", {len(x_valid)} validation" if valid_ex else "")

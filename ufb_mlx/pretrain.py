@@ -267,13 +267,7 @@ def main(argv=None) -> int:
                "mask_rate": a.mask_rate, "dropout": a.dropout, "seed": a.seed, "fff_mode": a.fff_mode}
     start = 0
     if resume_from is not None:
-        if world.main:
-            T.clean_stale_temporaries(out)
-        state = T.load_checkpoint(resume_from[1], model, optimizer)
-        T.check_resume(state.get("run", {}), run_cfg)
-        start = state["step"]
-        logger.truncate_after(start)
-        logger.print(f"resuming from {resume_from[1]} (step {start}/{a.steps})")
+        start = T.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, a.steps)["step"]
     else:
         n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
         logger.print(f"pretraining {'from ' + str(a.model) if a.model else (a.config or 'base') + ' from scratch'}: "

@@ -436,6 +436,18 @@ def clean_stale_temporaries(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, logger, total: int) -> dict:
+    """Continue a killed run: restore model, optimizer and trainer state from its last
+    checkpoint, refuse options that would change the result, and cut the log back to it."""
+    if world.main:
+        clean_stale_temporaries(out)
+    state = load_checkpoint(checkpoint, model, optimizer)
+    check_resume(state.get("run", {}), run_cfg)
+    logger.truncate_after(state["step"])
+    logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")
+    return state
+
+
 def check_resume(saved: dict, run: dict) -> None:
     """A run resumes only with the options that determine its result."""
     now = json.loads(json.dumps(run))
