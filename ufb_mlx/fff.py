@@ -10,8 +10,10 @@ few, so one small matmul computes all their logits, and the route through them i
 in one step: of the 2^top exits below the top part, the reached one is the only exit
 whose path agrees with every decision on it (a matmul of the decisions with a +-1 path
 table, then argmax). Below the top part each token reads only its own rows by gather,
-and the backward scatter-adds into only those rows. Either way exactly the visited
-neurons contribute: the result is the masked-dense function and gradient.
+and the backward sums into only those rows (visits sorted by row, one segmented matmul).
+Either way exactly the visited neurons contribute: the result is the masked-dense
+function and gradient. Where Metal is available the same custom_function runs the
+kernels of metal/ instead (see kernels.py).
 
 Reading rows of ``w_out`` needs it transposed, (P*n, H) row-major; ``load()`` stores
 ``linear_out.weight`` as a transposed view of such a buffer, so ``mx.contiguous(w_out.T)``
