@@ -116,9 +116,12 @@ class TransformerLayer(nn.Module):
         self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode)
         self.dropout = nn.Dropout(0.0)
 
-    def __call__(self, x, additive_mask):
+    def __call__(self, x, additive_mask, paths=None):
         x = x + self.dropout(self.attn(self.norm1(x), additive_mask))
-        return x + self.dropout(self.ffn(self.norm2(x)))
+        h = self.norm2(x)
+        if paths is not None and isinstance(self.ffn, FFF):
+            paths.append(self.ffn.routing(h))
+        return x + self.dropout(self.ffn(h))
 
 
 class Encoder(nn.Module):
@@ -135,9 +138,7 @@ class Encoder(nn.Module):
         x = self.embedding(input_ids)
         additive = additive.astype(x.dtype)
         for layer in self.layers:
-            if paths is not None and isinstance(layer.ffn, FFF):
-                paths.append(layer.ffn.routing(layer.norm2(x + layer.attn(layer.norm1(x), additive))))
-            x = layer(x, additive)
+            x = layer(x, additive, paths)
         return self.final_norm(x)
 
 
