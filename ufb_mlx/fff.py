@@ -55,7 +55,8 @@ def child(node, z):
 def _exit_tables(top: int):
     """Tables of a tree's top part (m = 2^top - 1 nodes, E = 2^top exits below it):
     sign (m, E): +1 where exit e's path turns right at node j, -1 left, 0 off the path;
-    n_left (E,): left turns on each path; path (E, top): the nodes on each path."""
+    n_left (E,): left turns on each path; path (E, top): the nodes on each path;
+    on_path (E, m): 0/1, the nodes on each path."""
     m, E = 2**top - 1, 2**top
     sign = np.zeros((m, E), np.float32)
     path = np.zeros((E, top), np.int32)
@@ -67,7 +68,7 @@ def _exit_tables(top: int):
             path[e, level] = parent
             node = parent
     n_left = (sign < 0).sum(0).astype(np.float32)
-    return mx.array(sign), mx.array(n_left), mx.array(path)
+    return mx.array(sign), mx.array(n_left), mx.array(path), mx.array(np.abs(sign.T))
 
 
 def _top_rows(w, trees: int, depth: int, m: int):
@@ -87,12 +88,12 @@ def _route(x, w_in, b_in, trees, depth, top):
     z_top = on_path = None
     node = mx.zeros((T, trees), dtype=mx.int32)
     if top:
-        sign, n_left, path = _exit_tables(top)
+        sign, n_left, path, path_mask = _exit_tables(top)
         z_top = (x @ _top_rows(w_in, trees, depth, m).T + _top_rows(b_in, trees, depth, m)).reshape(T, trees, m)
         agree = (z_top > 0).astype(mx.float32) @ sign + n_left       # (T, P, E): == top only on the route
         exit_ = mx.argmax(agree, axis=-1).astype(mx.int32)           # (T, P)
         top_nodes = path[exit_]                                      # (T, P, top)
-        on_path = (mx.abs(sign.T)[exit_])                            # (T, P, m)
+        on_path = path_mask[exit_]                                   # (T, P, m)
         rows.append(offset[..., None] + top_nodes)
         zs.append(mx.take_along_axis(z_top, top_nodes, axis=-1))
         node = m + exit_
