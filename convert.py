@@ -36,9 +36,7 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
     ckpt = load_checkpoint(hf_path)
     folder, args, weights = ckpt.folder, ckpt.args, ckpt.weights
     Tokenizer(folder, args.max_seq_length)  # a model without a working tokenizer is refused
-    args.source = {"hf_path": str(hf_path), "format": "crammedBERT" if "arch" in
-                   json.loads((folder / CONFIG_FILE).read_text()) else "ultrafastbert",
-                   "dtype": dtype}
+    args.source = {"hf_path": str(hf_path), "format": ckpt.layout, "dtype": dtype}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the model private to this user

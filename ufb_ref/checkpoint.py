@@ -70,11 +70,14 @@ def read_json_object(path: Path) -> dict:
     return cfg
 
 
-def read_config(folder: Path) -> ModelArgs:
+def read_config(folder: Path) -> tuple[ModelArgs, str]:
+    """The model's args and the folder's layout: "crammedBERT" (Hub, nested ``arch``) or
+    "ultrafastbert" (converted, flat)."""
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise UFBError(f"{path}: no config.json in the model folder")
-    return ModelArgs.from_dict(read_json_object(path))
+    cfg = read_json_object(path)
+    return ModelArgs.from_dict(cfg), "crammedBERT" if "arch" in cfg else "ultrafastbert"
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,12 +205,13 @@ class Checkpoint:
     args: ModelArgs
     weights: dict[str, np.ndarray]   # parameter name -> array (bfloat16 widened to float32)
     dtypes: dict[str, str]           # parameter name -> stored safetensors dtype
+    layout: str                      # "crammedBERT" (Hub) or "ultrafastbert" (converted)
 
 
 def load_checkpoint(path_or_hub_id) -> Checkpoint:
     """Find, read and validate a model."""
     folder = resolve(path_or_hub_id)
-    args = read_config(folder)
+    args, layout = read_config(folder)
     wpath = folder / WEIGHTS_FILE
     if not wpath.is_file():
         if any((folder / f).exists() for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
@@ -221,4 +225,4 @@ def load_checkpoint(path_or_hub_id) -> Checkpoint:
             args.id2label = None
     weights = sanitize(weights, args)
     check_weights(weights, dtypes, args, str(wpath))
-    return Checkpoint(folder, args, weights, {k: dtypes[k] for k in weights})
+    return Checkpoint(folder, args, weights, {k: dtypes[k] for k in weights}, layout)
