@@ -60,20 +60,23 @@ def descend(x, w_in, b_in, trees: int, depth: int):
     return np.stack(paths, -1), np.stack(logits, -1)
 
 
+def global_rows(paths, trees: int, depth: int):
+    """Within-tree node ids (..., P, D+1) -> rows of w_in: tree k's node m is row k*n + m."""
+    return paths + (np.arange(trees) * n_nodes(depth))[:, None]
+
+
 def fff_descent(x, w_in, b_in, w_out, trees: int, depth: int):
     """Conditional FFF: y = sum over visited nodes of gelu(z_node) * w_out[:, node]."""
     paths, z = descend(x, w_in, b_in, trees, depth)
-    rows = paths + (np.arange(trees) * n_nodes(depth))[:, None]  # (..., P, D+1)
-    cols = w_out.T[rows]                                          # (..., P, D+1, H)
+    cols = w_out.T[global_rows(paths, trees, depth)]              # (..., P, D+1, H)
     return np.einsum("...pl,...plh->...h", gelu(z), cols).astype(x.dtype)
 
 
 def visited_mask(x, w_in, b_in, trees: int, depth: int) -> np.ndarray:
     """0/1 mask over all P*n nodes: 1 where the token's descent visits the node."""
     paths, _ = descend(x, w_in, b_in, trees, depth)
-    n = n_nodes(depth)
-    rows = paths + (np.arange(trees) * n)[:, None]
-    mask = np.zeros(x.shape[:-1] + (trees * n,), dtype=x.dtype)
+    rows = global_rows(paths, trees, depth)
+    mask = np.zeros(x.shape[:-1] + (trees * n_nodes(depth),), dtype=x.dtype)
     np.put_along_axis(mask, rows.reshape(x.shape[:-1] + (-1,)), 1, axis=-1)
     return mask
 
@@ -87,9 +90,8 @@ def fff_dense(x, w_in, b_in, w_out, trees: int, depth: int):
 def fff_descent_vjp(x, w_in, b_in, w_out, trees: int, depth: int, dy):
     """Gradients of sum(dy * fff(x)) w.r.t. (x, w_in, b_in, w_out): the masked-dense
     gradients, which reach only visited rows; routing carries no gradient."""
-    n = n_nodes(depth)
     paths, z = descend(x, w_in, b_in, trees, depth)
-    rows = (paths + (np.arange(trees) * n)[:, None]).reshape(-1)   # (T*P*(D+1),)
+    rows = global_rows(paths, trees, depth).reshape(-1)            # (T*P*(D+1),)
     H = x.shape[-1]
     xf, dyf = x.reshape(-1, H), dy.reshape(-1, H)
     zf = z.reshape(xf.shape[0], -1)                                # (T, P*(D+1))
