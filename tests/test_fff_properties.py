@@ -30,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metal_emu.harness import run_kernel
+from metal_emu import emulated_launch
 from ufb_mlx import fff as mlx_fff
 from ufb_mlx import kernels
 from ufb_ref import fff as ref_fff
@@ -202,7 +202,7 @@ def emulated_metal():
     """fff_conditional takes its Metal path, with every kernel launch run by the emulator."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "available", lambda: True)
-        mp.setattr(kernels, "launch", lambda spec, inputs, config: run_kernel(spec, inputs, **config.kwargs()))
+        mp.setattr(kernels, "launch", emulated_launch)
         yield
 
 

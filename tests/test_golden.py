@@ -44,10 +44,10 @@ def load_mlx(path, mode, monkeypatch):
     if mode == "conditional-gather":
         monkeypatch.setattr(mlx_fff, "TOP_LEVELS", 0)
     if mode == "conditional-metal":
-        from metal_emu.harness import run_kernel
+        from metal_emu import emulated_launch
 
         monkeypatch.setattr(kernels, "available", lambda: True)
-        monkeypatch.setattr(kernels, "launch", lambda spec, inputs, config: run_kernel(spec, inputs, **config.kwargs()))
+        monkeypatch.setattr(kernels, "launch", emulated_launch)
     return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional")
 
 

@@ -32,9 +32,9 @@ import numpy as np
 import pytest
 
 try:  # tests/ is on sys.path (pytest rootdir insertion) unless it became a package
-    from metal_emu import HarnessError, Kernel, compiled_text, run_kernel
+    from metal_emu import HarnessError, Kernel, compiled_text, emulated_launch, run_kernel
 except ModuleNotFoundError:
-    from tests.metal_emu import HarnessError, Kernel, compiled_text, run_kernel
+    from tests.metal_emu import HarnessError, Kernel, compiled_text, emulated_launch, run_kernel
 
 from ufb_mlx import kernels as K
 from ufb_ref import fff as ref
@@ -156,11 +156,11 @@ def emu(monkeypatch):
     """ufb_mlx.kernels.launch routed to the emulator."""
     launched = Launched()
 
-    def emulated_launch(spec, inputs, config):
+    def recorded_launch(spec, inputs, config):
         launched.append(spec.name)
-        return run_kernel(spec, inputs, **config.kwargs(), lane_order=launched.lane_order)
+        return emulated_launch(spec, inputs, config, lane_order=launched.lane_order)
 
-    monkeypatch.setattr(K, "launch", emulated_launch)
+    monkeypatch.setattr(K, "launch", recorded_launch)
     return launched
 
 

@@ -1,7 +1,7 @@
 """Off-Mac harness for the kernels in metal/: runs the exact text that
 `mx.fast.metal_kernel` would compile, on the CPU. See README.md."""
 
-from .harness import Kernel, build, cache_dir, compiled_text, run_kernel
+from .harness import Kernel, build, cache_dir, compiled_text, emulated_launch, run_kernel
 from .source import ALLOWED_BUILTINS, HarnessError, generate
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "build",
     "cache_dir",
     "compiled_text",
+    "emulated_launch",
     "generate",
     "run_kernel",
 ]
