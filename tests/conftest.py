@@ -1,5 +1,5 @@
-"""Shared fixtures: the golden checkpoints of ../shared/golden (ground truth produced by
-the original PyTorch implementation; see their README.md)."""
+"""Shared fixtures: the golden checkpoints of tests/data/golden (ground truth produced by
+the original PyTorch implementation; see tests/data/golden/README.md)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import ufb_mlx  # noqa: F401  (loads OpenBLAS before anything imports mlx)
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("UFB_GOLDEN", REPO.parent / "shared" / "golden"))
+GOLDEN = Path(os.environ.get("UFB_GOLDEN") or REPO / "tests" / "data" / "golden")
 MLM = GOLDEN / "ufb-tiny-1x3"
 CLS = GOLDEN / "ufb-tiny-cls-2x4"
 

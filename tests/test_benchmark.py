@@ -15,7 +15,7 @@ import pytest
 from ufb_mlx import benchmark
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = Path(os.environ.get("UFB_GOLDEN", REPO.parent / "shared" / "golden"))  # as conftest.py
+from conftest import GOLDEN  # noqa: E402
 
 
 def bench(*args: str, env: dict | None = None, rc: int = 0) -> subprocess.CompletedProcess:

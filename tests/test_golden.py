@@ -1,4 +1,4 @@
-"""Both backends against the original implementation's own outputs (../shared/golden).
+"""Both backends against the original implementation's own outputs (tests/data/golden).
 
 Tolerances (float32 everywhere unless stated):
 - hidden states and logits: 1e-5 absolute. A correct float32 implementation lands near

@@ -16,7 +16,7 @@ The timing harness (``measure``) is separate from the arms: warm-up per arm, the
 drift on a shared machine hits all arms alike; ``mx.eval`` closes every call, so lazy
 evaluation is timed in full. Reported times are medians.
 
-On Linux a dense baseline is only fair with an optimised BLAS (DESIGN.md section 4): unless
+On Linux a dense baseline is only fair with an optimised BLAS (docs/DESIGN.md section 4): unless
 OpenBLAS is loaded, bound (checked in /proc/self/maps and by a matmul's GFLOP/s), ratios
 against dense baselines are marked NOT FAIR and no target is judged on them.
 """

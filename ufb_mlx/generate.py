@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ufb_mlx.generate",
         description="Fill the masks ([MASK] or <mask>) of prompts with an UltraFastBERT masked-LM model.",
-        epilog='example: python -m ufb_mlx.generate --model ../shared/golden/ufb-tiny-1x3 '
+        epilog='example: python -m ufb_mlx.generate --model tests/data/golden/ufb-tiny-1x3 '
                '--prompt "The capital of France is [MASK]."')
     p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
                    help="converted or Hub-layout model folder, or a Hub repo id "

@@ -1,4 +1,4 @@
-"""UltraFastBERT in NumPy: the reference that defines the semantics (DESIGN.md section 2).
+"""UltraFastBERT in NumPy: the reference that defines the semantics (docs/DESIGN.md section 2).
 
 Each function is one equation of the model; ``Model`` strings them together. Arrays are
 batch-first: (batch B, sequence S, hidden H). Pass ``dtype=np.float64`` to ``load`` for
