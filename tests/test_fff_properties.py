@@ -218,7 +218,7 @@ def test_metal_path_agrees_with_reference(problem):
     keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
     args = [as_mx(a, dtype) for a in (x, w_in, b_in, w_out)]
     with emulated_metal():
-        y = mlx_fff.fff_conditional(*args, trees, depth)
+        y = mlx_fff.fff_conditional(*args, trees, depth, backend="metal")
         assert y.dtype == MX_DTYPES[dtype] and y.shape == x.shape
         assert_close_on(np.array(y.astype(mx.float32)), truth, keep, scale * (1e-5 + 2 * UNIT[dtype]), "metal")
         if dtype != "float32":
@@ -226,7 +226,7 @@ def test_metal_path_agrees_with_reference(problem):
         dy = dy.reshape(keep.shape[0], -1).copy()
         dy[~keep] = 0  # tokens near a routing tie would send gradient to other rows
         dy = dy.reshape(x.shape)
-        loss = lambda *a: (mlx_fff.fff_conditional(*a, trees, depth) * as_mx(dy, dtype)).sum()
+        loss = lambda *a: (mlx_fff.fff_conditional(*a, trees, depth, backend="metal") * as_mx(dy, dtype)).sum()
         got = mx.grad(loss, argnums=(0, 1, 2, 3))(*args)
     want = ref_fff.fff_descent_vjp(x, w_in, b_in, w_out, trees, depth, dy)
     for name, g, w in zip(("x", "w_in", "b_in", "w_out"), got, want):

@@ -41,6 +41,7 @@ MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "dense"]
 
 
 def load_mlx(path, mode, monkeypatch):
+    backend = "ops"
     if mode == "conditional-gather":
         monkeypatch.setattr(mlx_fff, "TOP_LEVELS", 0)
     if mode == "conditional-metal":
@@ -48,7 +49,8 @@ def load_mlx(path, mode, monkeypatch):
 
         monkeypatch.setattr(kernels, "available", lambda: True)
         monkeypatch.setattr(kernels, "launch", emulated_launch)
-    return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional")
+        backend = "metal"
+    return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional", backend=backend)
 
 
 @pytest.mark.parametrize("folder", [MLM, CLS], ids=["mlm", "cls"])

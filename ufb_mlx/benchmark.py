@@ -385,7 +385,7 @@ def bench_layer(opts, env) -> dict:
             return f
         return lambda x, a, b, c: mx.vjp(f, [x, a, b, c], [_normal((x.shape[0], H), 7)])[1]
 
-    cond = maybe_compile(with_backward(lambda x, a, b, c: fff_lib.fff_conditional(x, a, b, c, P, D)))
+    cond = maybe_compile(with_backward(lambda x, a, b, c: fff_lib.fff_conditional(x, a, b, c, P, D, backend="ops")))
     masked = maybe_compile(with_backward(lambda x, a, b, c: fff_lib.fff_dense(x, a, b, c, P, D)))
     dense = maybe_compile(with_backward(_dense_ffn))
     from ufb_ref.fff import fff_descent_vjp

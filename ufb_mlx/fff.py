@@ -27,14 +27,13 @@ from functools import lru_cache
 import mlx.core as mx
 import numpy as np
 
-from . import kernels
+from ufb_ref.fff import n_nodes
+
+from . import backend as backend_lib
+from . import cpu_kernels, kernels
 
 TOP_LEVELS = 6  # levels computed as one small matmul: 63 rows per tree (measured best here)
 COMPILE_MAX_TOKENS = 256  # up to this many tokens the forward runs as a compiled graph
-
-
-def n_nodes(depth: int) -> int:
-    return 2 ** (depth + 1) - 1
 
 
 def gelu(z):
@@ -112,12 +111,14 @@ def _split(depth: int, top: int | None) -> int:
 
 
 def descend(x, w_in, b_in, trees: int, depth: int, top: int | None = None):
-    """Hard descent: (rows (..., P, D+1) global ids, z (..., P, D+1) visited logits)."""
+    """Hard descent, as ``ufb_ref.fff.descend``: (paths (..., P, D+1) within-tree node ids
+    visited per level, z (..., P, D+1) their logits)."""
     lead = x.shape[:-1]
     f32 = mx.float32
     rows, z, _, _ = _route(x.reshape(-1, x.shape[-1]).astype(f32), w_in.astype(f32), b_in.astype(f32),
                            trees, depth, _split(depth, top))
-    return rows.reshape(*lead, trees, depth + 1), z.reshape(*lead, trees, depth + 1)
+    paths = rows - (mx.arange(trees, dtype=mx.int32) * n_nodes(depth))[None, :, None]
+    return paths.reshape(*lead, trees, depth + 1), z.reshape(*lead, trees, depth + 1)
 
 
 @lru_cache(maxsize=None)
@@ -243,16 +244,40 @@ def _conditional_metal(trees: int, depth: int):
     return f
 
 
-def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | None = None):
+def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | None = None,
+                    backend: str = "auto"):
     """Conditional FFF: only the D+1 visited neurons per token and tree are computed,
-    forward and backward. Accumulates in float32; returns x's dtype. Uses the Metal
-    kernels where Metal is available, MLX operations elsewhere (``top`` applies there)."""
+    forward and backward. Accumulates in float32; returns x's dtype.
+
+    ``backend`` (see ufb_mlx.backend): "auto" picks by the device of the current stream
+    (GPU with Metal: the kernels of metal/; CPU: the fused C++ primitive when built; else
+    MLX ops); "ops", "cpu" or "metal" name one implementation. ``top`` applies to "ops"."""
+    impl = backend_lib.resolve(backend)
+    if not x.size:
+        impl = "ops"
+    device = backend_lib.stream_for(impl) if backend != "auto" else None
+    if device is None:
+        return _IMPLEMENTATIONS[impl](x, w_in, b_in, w_out, trees, depth, top)
+    with mx.stream(device):
+        return _IMPLEMENTATIONS[impl](x, w_in, b_in, w_out, trees, depth, top)
+
+
+def _fff_metal(x, w_in, b_in, w_out, trees, depth, top):
     lead, H = x.shape[:-1], x.shape[-1]
-    if kernels.available() and x.size:
-        dt = x.dtype
-        w_out_t = mx.contiguous(w_out.T).astype(dt)
-        y = _conditional_metal(trees, depth)(x.reshape(-1, H), w_in.astype(dt), b_in.astype(dt), w_out_t)[0]
-        return y.reshape(*lead, H)
+    dt = x.dtype
+    w_out_t = mx.contiguous(w_out.T).astype(dt)
+    y = _conditional_metal(trees, depth)(x.reshape(-1, H), w_in.astype(dt), b_in.astype(dt), w_out_t)[0]
+    return y.reshape(*lead, H)
+
+
+def _fff_cpu(x, w_in, b_in, w_out, trees, depth, top):
+    lead, H = x.shape[:-1], x.shape[-1]
+    y = cpu_kernels.fff_conditional(x.reshape(-1, H), w_in, b_in, mx.contiguous(w_out.T), trees, depth)
+    return y.reshape(*lead, H)
+
+
+def _fff_ops(x, w_in, b_in, w_out, trees, depth, top):
+    lead, H = x.shape[:-1], x.shape[-1]
     f32 = mx.float32
     x2 = x.reshape(-1, H).astype(f32)
     w_out_t = mx.contiguous(w_out.T).astype(f32)
@@ -268,6 +293,9 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | Non
     else:
         y = _conditional(trees, depth, _split(depth, top))(x2, w_in.astype(f32), b_in.astype(f32), w_out_t)[0]
     return y.astype(x.dtype).reshape(*lead, H)
+
+
+_IMPLEMENTATIONS = {"metal": _fff_metal, "cpu": _fff_cpu, "ops": _fff_ops}
 
 
 @lru_cache(maxsize=None)

@@ -14,6 +14,7 @@ from ufb_ref.errors import UFBError
 from ufb_ref.model import sinusoidal_table
 from ufb_ref.tokenizer import Tokenizer
 
+from . import backend as backend_lib
 from . import fff as fff_lib
 
 FFF_MODES = ("conditional", "dense")
@@ -79,26 +80,28 @@ class FFF(nn.Module):
     ``mode`` "conditional" visits D+1 neurons per token and tree; "dense" is the original
     masked computation of all of them."""
 
-    def __init__(self, args: ModelArgs, mode: str = "conditional"):
+    def __init__(self, args: ModelArgs, mode: str = "conditional", backend: str = "auto"):
         super().__init__()
         self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
         self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
-        self.trees, self.depth, self.mode = args.fff_trees, args.fff_depth, mode
+        self.trees, self.depth, self.mode, self.backend = args.fff_trees, args.fff_depth, mode, backend
 
     def routing(self, x):
         """Within-tree node ids visited per level, (..., P, D+1)."""
-        rows, _ = fff_lib.descend(x, self.linear_in.weight, self.linear_in.bias, self.trees, self.depth)
-        return rows % fff_lib.n_nodes(self.depth)
+        paths, _ = fff_lib.descend(x, self.linear_in.weight, self.linear_in.bias, self.trees, self.depth)
+        return paths
 
     def __call__(self, x):
-        fn = fff_lib.fff_conditional if self.mode == "conditional" else fff_lib.fff_dense
-        return fn(x, self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self.depth)
+        w = (self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self.depth)
+        if self.mode == "dense":
+            return fff_lib.fff_dense(x, *w)
+        return fff_lib.fff_conditional(x, *w, backend=self.backend)
 
 
 class FFN(nn.Module):
     """Dense feedforward twin (``intermed_type`` "ffn"): gelu(x W_in^T + b) W_out^T."""
 
-    def __init__(self, args: ModelArgs, mode: str = "conditional"):
+    def __init__(self, args: ModelArgs, mode: str = "conditional", backend: str = "auto"):
         super().__init__()
         self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
         self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
@@ -108,12 +111,12 @@ class FFN(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, args: ModelArgs, fff_mode: str):
+    def __init__(self, args: ModelArgs, fff_mode: str, backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
         self.attn = Attention(args)
         self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
-        self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode)
+        self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode, backend)
         self.dropout = nn.Dropout(0.0)
 
     def __call__(self, x, additive_mask, paths=None):
@@ -125,10 +128,10 @@ class TransformerLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, args: ModelArgs, fff_mode: str):
+    def __init__(self, args: ModelArgs, fff_mode: str, backend: str = "auto"):
         super().__init__()
         self.embedding = Embedding(args)
-        self.layers = [TransformerLayer(args, fff_mode) for _ in range(args.num_layers)]
+        self.layers = [TransformerLayer(args, fff_mode, backend) for _ in range(args.num_layers)]
         self.final_norm = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
 
     def __call__(self, input_ids, attention_mask, paths=None):
@@ -156,12 +159,12 @@ class Model(nn.Module):
     """``model(input_ids, attention_mask=mask)`` -> MLM logits (B, S, V) or classifier
     logits (B, num_labels)."""
 
-    def __init__(self, args: ModelArgs, fff_mode: str = "conditional"):
+    def __init__(self, args: ModelArgs, fff_mode: str = "conditional", backend: str = "auto"):
         super().__init__()
         if fff_mode not in FFF_MODES:
             raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
         self.args = args
-        self.encoder = Encoder(args, fff_mode)
+        self.encoder = Encoder(args, fff_mode, backend_lib.check(backend))
         if args.task == "classification":
             self.pooler = Pooler(args)
             self.head = nn.Linear(args.head_dim, args.num_labels)
@@ -229,17 +232,21 @@ def column_major(w):
     return mx.contiguous(w.T).T
 
 
-def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None):
+def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str = "auto"):
     """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
-    ``dtype`` (e.g. mx.float16) casts the weights. Default: as stored on a Metal GPU; on
-    other devices half-precision weights are widened to float32, because MLX's CPU
+    ``backend`` picks the conditional FFF's implementation (ufb_mlx.backend: "auto",
+    "ops", "cpu", "metal"); an explicit one that is not present here is refused now.
+    ``dtype`` (e.g. mx.float16) casts the weights. Default: as stored when the model runs
+    on a GPU; on the CPU half-precision weights are widened to float32, because MLX's CPU
     backend has no BLAS path for half-precision matmuls (they run ~50x slower)."""
     if fff_mode not in FFF_MODES:
         raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
+    backend_lib.resolve(backend)
     ckpt = load_checkpoint(path_or_hub_id)
     args = ckpt.args
-    model = Model(args, fff_mode)
-    on_gpu = mx.default_device() == mx.gpu and mx.metal.is_available()
+    model = Model(args, fff_mode, backend)
+    # The same rule as the FFF's backend choice: the device of the current stream.
+    on_gpu = mx.default_device().type == mx.DeviceType.gpu
     stored = {"BF16": mx.bfloat16, "F16": mx.float16} if on_gpu else {}
     arrays = {k: mx.array(v).astype(dtype or stored.get(ckpt.dtypes[k], mx.float32))
               for k, v in ckpt.weights.items()}

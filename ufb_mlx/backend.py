@@ -1,0 +1,85 @@
+"""Which implementation runs the conditional FFF.
+
+Three implementations compute the same function:
+- "metal": the fused kernels of metal/ through ``mx.fast.metal_kernel`` (Apple GPU);
+- "cpu": the fused C++ primitive of csrc/ (MLX extension ``ufb_mlx._ext``), on the CPU;
+- "ops": plain MLX operations, on any device (the portable fallback).
+
+"auto" decides by the device of the stream the op will run on, which is
+``mx.default_device()`` (``with mx.stream(mx.cpu):`` and ``mx.set_default_device`` both
+change it): a GPU stream with Metal takes "metal", a CPU stream takes "cpu" when the
+extension is built, anything else "ops". An explicit backend wins over the default device
+(the op is then placed on that backend's device), and asking for one that is not present
+is a one-line error. ``load()``, ``fff_conditional`` and the benchmark all use ``resolve``.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from ufb_ref.errors import UFBError
+
+BACKENDS = ("auto", "ops", "cpu", "metal")
+
+
+def metal_available() -> bool:
+    from . import kernels
+
+    return kernels.available()
+
+
+def cpu_available() -> bool:
+    from . import cpu_kernels
+
+    return cpu_kernels.available()
+
+
+def cpu_unavailable_reason() -> str:
+    from . import cpu_kernels
+
+    return cpu_kernels.unavailable_reason()
+
+
+def check(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise UFBError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def resolve(backend: str = "auto", device: mx.Device | None = None) -> str:
+    """The implementation ("ops", "cpu" or "metal") that runs on ``device`` (default: the
+    current default device)."""
+    check(backend)
+    if backend == "metal":
+        if not metal_available():
+            raise UFBError("backend 'metal' needs a Metal GPU, and mx.metal.is_available() is False here")
+        return "metal"
+    if backend == "cpu":
+        if not cpu_available():
+            raise UFBError(f"backend 'cpu' is not available: {cpu_unavailable_reason()}")
+        return "cpu"
+    if backend == "ops":
+        return "ops"
+    device = device if device is not None else mx.default_device()
+    if device.type == mx.DeviceType.gpu:
+        return "metal" if metal_available() else "ops"
+    return "cpu" if cpu_available() else "ops"
+
+
+def stream_for(resolved: str) -> mx.Device | None:
+    """The device an explicitly chosen implementation must run on (None: leave the default;
+    also for "metal" when no real GPU is present, i.e. kernels run by the test emulator)."""
+    if resolved == "metal":
+        return mx.gpu if mx.metal.is_available() else None
+    return mx.cpu if resolved == "cpu" else None
+
+
+def describe() -> dict:
+    """What is present here, for tools that report it (check, benchmark)."""
+    return {
+        "default_device": str(mx.default_device()),
+        "auto": resolve("auto"),
+        "metal": metal_available(),
+        "cpu": cpu_available(),
+        "cpu_reason": None if cpu_available() else cpu_unavailable_reason(),
+    }
