@@ -29,7 +29,7 @@ import mlx.core as mx  # noqa: E402
 
 from convert import convert  # noqa: E402
 from ufb_mlx import data as D  # noqa: E402
-from ufb_mlx.pretrain import evaluate_mlm  # noqa: E402
+from ufb_mlx.evaluate import evaluate_mlm  # noqa: E402
 from ufb_mlx.train import read_log  # noqa: E402
 
 DEMO = Path(ufb_mlx.__file__).resolve().parent / "demo_model"

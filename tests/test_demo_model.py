@@ -13,7 +13,7 @@ import numpy as np
 
 import ufb_mlx
 from ufb_mlx.generate import DEFAULT_MODEL
-from ufb_mlx.pretrain import evaluate_mlm
+from ufb_mlx.evaluate import evaluate_mlm
 
 from conftest import REPO
 

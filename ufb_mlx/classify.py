@@ -18,14 +18,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ufb_ref.errors import UFBError
 
 from . import data as D
 from . import metrics as M
 from .cli import run
-from .finetune import predict
+from .evaluate import label_names, label_scores, predict
 from .model import FFF_MODES, load
 
 
@@ -82,21 +80,8 @@ def main(argv=None) -> int:
     seqs, _ = D.TextEncoder(tok, args.max_seq_length)(examples)
     logits = predict(model, seqs, tok.pad_token_id, a.batch_size)
     regression = args.problem_type == "regression"
-    names = [(args.id2label or {}).get(str(i), f"LABEL_{i}") for i in range(args.num_labels)]
-
-    results = []
-    if regression:
-        for ex, z in zip(examples, logits[:, 0]):
-            results.append({"text": ex.text, "text_pair": ex.text_pair, "value": float(z)})
-    else:
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        k = min(a.top_k, args.num_labels)
-        for ex, pr in zip(examples, probs):
-            top = np.argsort(-pr, kind="stable")[:k]
-            results.append({"text": ex.text, "text_pair": ex.text_pair, "label": names[top[0]],
-                            "score": float(pr[top[0]]),
-                            "top": [{"label": names[i], "score": float(pr[i])} for i in top]})
+    results = [{"text": ex.text, "text_pair": ex.text_pair, **scores}
+               for ex, scores in zip(examples, label_scores(model, logits, a.top_k))]
 
     metrics = None
     labelled = [ex for ex in examples if ex.label is not None]
@@ -104,7 +89,7 @@ def main(argv=None) -> int:
         if regression:
             metrics = M.regression_metrics(D.regression_targets(examples), logits[:, 0])
         else:
-            y = D.encode_labels(examples, names)
+            y = D.encode_labels(examples, label_names(model))
             metrics = M.classification_metrics(y, logits.argmax(1), args.num_labels)
 
     if a.json:

@@ -248,16 +248,6 @@ class TextEncoder:
         return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
 
 
-def pad_to(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), right-padded with ``pad_id`` to ``length``."""
-    ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(sequences), length), dtype=np.int32)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The data order of an epoch: a pure function of (seed, epoch), so that a resumed
     run sees exactly the batches an uninterrupted one sees."""

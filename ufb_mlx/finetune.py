@@ -24,19 +24,20 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
 from ufb_ref.checkpoint import CONFIG_FILE, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
+from ufb_ref.tokenizer import pad_batch
 
 from . import data as D
 from . import metrics as M
 from . import train as T
 from .cli import run
-from .model import FFF_MODES, Model, load
+from .evaluate import evaluate_classifier
+from .model import FFF_MODES, Model, classification_loss, load
 
 TASKS = ("classification", "regression")
 
@@ -77,42 +78,6 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
     model.load_weights(weights, strict=False)
     mx.eval(model.parameters())
     return model, keep
-
-
-def loss_fn(model: Model, batch: dict, scale):
-    """Sum of the per-example losses (cross-entropy, or squared error for regression)
-    times ``scale``; ``weights`` zero out padding rows."""
-    logits = model(batch["input_ids"], batch["attention_mask"]).astype(mx.float32)
-    if model.args.problem_type == "regression":
-        per = mx.square(logits[:, 0] - batch["labels"])
-    else:
-        per = nn.losses.cross_entropy(logits, batch["labels"], reduction="none")
-    return (per * batch["weights"]).sum() * scale
-
-
-def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """Logits (N, num_labels) in float32, in the order of ``seqs`` (batched by length)."""
-    model.eval()
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    out = np.zeros((len(seqs), model.args.num_labels), dtype=np.float32)
-    for i in range(0, len(seqs), batch_size):
-        rows = order[i:i + batch_size]
-        chunk = [seqs[r] for r in rows]
-        ids, mask = D.pad_to(chunk, max(map(len, chunk)), pad_id)
-        logits = model(mx.array(ids), mx.array(mask)).astype(mx.float32)
-        out[rows] = np.array(logits)
-    return out
-
-
-def evaluate(model: Model, seqs, targets, pad_id: int, batch_size: int) -> dict[str, float]:
-    logits = predict(model, seqs, pad_id, batch_size)
-    if model.args.problem_type == "regression":
-        preds = logits[:, 0]
-        return {**M.regression_metrics(targets, preds), "loss": M.mse(preds, targets)}
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    loss = float(-logp[np.arange(len(targets)), targets].mean()) + 0.0  # never "-0.0"
-    return {**M.classification_metrics(targets, logits.argmax(1), model.args.num_labels), "loss": loss}
 
 
 # ---------------------------------------------------------------------------------------
@@ -225,7 +190,7 @@ def main(argv=None) -> int:
     total = steps_per_epoch * a.epochs
     schedule = T.make_schedule(a.schedule, a.lr, total, a.warmup)
     optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = T.Trainer(model, optimizer, loss_fn, world, a.seed, a.grad_clip)
+    trainer = T.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
     logger = T.Logger(out, world, a.quiet)
 
     # What determines the result: a resumed run must agree on all of it.
@@ -272,8 +237,8 @@ def main(argv=None) -> int:
         weights = np.ones(len(local), dtype=np.float32)
         if not len(local):  # fewer rows than processes in the last batch: a zero-weight row
             local, weights = rows[:1], np.zeros(1, dtype=np.float32)
-        ids, mask = D.pad_to([x_train[r] for r in local], length, pad_id)
-        batch = {"input_ids": mx.array(ids), "attention_mask": mx.array(mask),
+        padded = pad_batch([x_train[r] for r in local], pad_id, length)
+        batch = {"input_ids": mx.array(padded["input_ids"]), "attention_mask": mx.array(padded["attention_mask"]),
                  "labels": mx.array(y_train_mx[local]), "weights": mx.array(weights)}
         return batch, world.size / len(rows), int(sum(len(x_train[r]) for r in rows))
 
@@ -282,7 +247,7 @@ def main(argv=None) -> int:
         epoch_end = step % steps_per_epoch == 0
         epoch = (step - 1) // steps_per_epoch + 1
         if epoch_end and valid_ex:
-            res = evaluate(model, x_valid, y_valid, pad_id, a.eval_batch_size)
+            res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)
             improved = M.is_better(a.metric, res[a.metric], best["value"], res["loss"],
                                    (best["metrics"] or {}).get("loss"))
             if improved:

@@ -207,23 +207,64 @@ def check_inputs(input_ids, attention_mask, args: ModelArgs):
     return ids, mask
 
 
-def mlm_loss(model: Model, input_ids, attention_mask, labels):
-    """Mean cross-entropy over every labelled position (label != -100); the decoder runs
-    on those positions only. (The original keeps round(0.25 * B * S) positions; the two
-    agree whenever at most that many are labelled.)"""
+# ---------------------------------------------------------------------------------------
+# Losses: the one definition per task, used by training, evaluation and the golden tests.
+
+IGNORE_INDEX = -100  # the label of a position that is not predicted (torch's convention)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def example_losses(logits, targets, regression: bool = False):
+    """The loss of each row, in float32: cross-entropy of (N, C) logits against class ids,
+    or, for a one-output regressor, the squared error against the targets."""
+    logits = logits.astype(mx.float32)
+    if regression:
+        return mx.square(logits[:, 0] - targets)
+    return nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
+def reduce_losses(per, reduction: str, weights=None):
+    """"none": the per-row losses (times ``weights``); "sum": their sum; "mean": their
+    mean (weighted by ``weights``)."""
+    if reduction not in REDUCTIONS:
+        raise UFBError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weights is not None:
+        per = per * weights
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / weights.sum() if weights is not None else per.mean()
+
+
+def masked_lm_logits(model: Model, input_ids, attention_mask, labels):
+    """(float32 MLM logits at every labelled position (label != IGNORE_INDEX), in
+    row-major order, and those labels). The decoder runs on those positions only."""
     labels_np = np.asarray(labels).reshape(-1)
-    positions = np.nonzero(labels_np != -100)[0]
-    if not len(positions):
-        raise UFBError("mlm_loss: no labelled positions")
+    positions = np.flatnonzero(labels_np != IGNORE_INDEX)
     hidden = model.encode(input_ids, attention_mask)
     h = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
-    logits = model.mlm_logits(h).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, mx.array(labels_np[positions]), reduction="mean")
+    return model.mlm_logits(h).astype(mx.float32), mx.array(labels_np[positions])
 
 
-def classification_loss(model: Model, input_ids, attention_mask, labels):
-    logits = model(input_ids, attention_mask).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, mx.array(np.asarray(labels)), reduction="mean")
+def mlm_loss(model: Model, input_ids, attention_mask, labels, reduction: str = "mean"):
+    """Cross-entropy of the MLM head over every labelled position (label != -100).
+    "mean" is the original's loss (it keeps round(0.25 * B * S) positions; the two agree
+    whenever at most that many are labelled); training sums ("sum") over a process's
+    slice and divides by the global count. A sum over no labelled position is 0."""
+    if reduction == "mean" and not (np.asarray(labels) != IGNORE_INDEX).any():
+        raise UFBError("mlm_loss: no labelled positions")
+    return reduce_losses(example_losses(*masked_lm_logits(model, input_ids, attention_mask, labels)), reduction)
+
+
+def classification_loss(model: Model, input_ids, attention_mask, labels, reduction: str = "mean", weights=None):
+    """Cross-entropy of the classifier, or the squared error of a regressor
+    (``problem_type`` "regression"), per example; ``weights`` scale each example's loss
+    (0 drops a padding row)."""
+    logits = model(input_ids, attention_mask)
+    targets = labels if isinstance(labels, mx.array) else mx.array(np.asarray(labels))
+    per = example_losses(logits, targets, regression=model.args.problem_type == "regression")
+    return reduce_losses(per, reduction, weights)
 
 
 def column_major(w):

@@ -30,7 +30,6 @@ import tempfile
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -42,7 +41,8 @@ from ufb_ref.tokenizer import Tokenizer
 from . import data as D
 from . import train as T
 from .cli import run
-from .model import FFF_MODES, Model, load
+from .evaluate import evaluate_mlm
+from .model import FFF_MODES, Model, load, mlm_loss
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
@@ -68,36 +68,6 @@ def config_from(spec: str) -> dict:
         raise UFBError(f"{path}: task {cfg.get('task')!r}; pretraining needs an 'mlm' config")
     ModelArgs.from_dict(dict(cfg, task="mlm"))  # validates, names a missing or bad key
     return dict(cfg, task="mlm")
-
-
-def mlm_loss_fn(model: Model, batch: dict, scale):
-    """Cross-entropy summed over the given (masked) positions only, times ``scale``."""
-    hidden = model.encode(batch["input_ids"], batch["attention_mask"])
-    h = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]
-    logits = model.mlm_logits(h).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
-    return (ce * batch["weights"]).sum() * scale
-
-
-def evaluate_mlm(model: Model, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Held-out MLM loss (mean over masked tokens) and masked-token accuracy."""
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(inputs), batch_size):
-        x, y = inputs[i:i + batch_size], labels[i:i + batch_size].reshape(-1)
-        pos = np.flatnonzero(y != -100)
-        if not len(pos):
-            continue
-        hidden = model.encode(mx.array(x), mx.ones(x.shape, dtype=mx.int32))
-        logits = model.mlm_logits(hidden.reshape(-1, hidden.shape[-1])[mx.array(pos)]).astype(mx.float32)
-        target = mx.array(y[pos])
-        ce = nn.losses.cross_entropy(logits, target, reduction="sum")
-        hits = (logits.argmax(-1) == target).sum()
-        mx.eval(ce, hits)
-        loss_sum += ce.item()
-        correct += hits.item()
-        count += len(pos)
-    return {"mlm_loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1), "masked_tokens": count}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,7 +229,7 @@ def main(argv=None) -> int:
 
     schedule = T.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
     optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = T.Trainer(model, optimizer, mlm_loss_fn, world, a.seed, a.grad_clip)
+    trainer = T.Trainer(model, optimizer, mlm_loss, world, a.seed, a.grad_clip)
     run_cfg = {"config": {k: v for k, v in cfg.items() if k != "source"}, "tokenizer": _tokenizer_hash(tok), "data": hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
                "valid": hashlib.sha256(valid.tobytes()).hexdigest()[:16], "steps": a.steps,
                "batch_size": a.batch_size, "processes": world.size, "lr": a.lr, "betas": list(a.betas), "eps": a.eps,
@@ -301,13 +271,9 @@ def main(argv=None) -> int:
         inputs, labels = masker(blocks[rows_of(step)], np.random.default_rng([a.seed, step]))
         count = int((labels != -100).sum())
         local = D.shard(np.arange(global_batch), world.rank, world.size)
-        x, y = inputs[local], labels[local].reshape(-1)
-        pos = np.flatnonzero(y != -100)
-        weights = np.ones(len(pos), dtype=np.float32)
-        if not len(pos):  # this process's slice has no masked token: one zero-weight position
-            pos, weights = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32)
-        batch = {"input_ids": mx.array(x), "attention_mask": mx.ones(x.shape, dtype=mx.int32),
-                 "positions": mx.array(pos), "targets": mx.array(np.maximum(y[pos], 0)), "weights": mx.array(weights)}
+        # A slice without a masked token adds 0 to the loss sum (and zero gradients).
+        batch = {"input_ids": mx.array(inputs[local]), "attention_mask": mx.ones(inputs[local].shape, dtype=mx.int32),
+                 "labels": labels[local]}
         return batch, world.size / max(count, 1), global_batch * seq
 
     def after_step(step):

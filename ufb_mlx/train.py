@@ -183,14 +183,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class Trainer:
-    """One optimisation step: ``loss_fn(model, batch, scale)`` must return this process's
-    loss *sum* times ``scale`` (= processes / global count), so that averaging the
+    """One optimisation step of the task's loss (``ufb_mlx.model.mlm_loss`` or
+    ``classification_loss``), called as ``loss(model, **batch, reduction="sum")``: this
+    process's loss sum, times ``scale`` (= processes / global count), so that averaging the
     gradients over the processes gives the gradient of the global mean."""
 
-    def __init__(self, model, optimizer, loss_fn, world: World, seed: int, grad_clip: float = 0.0):
+    def __init__(self, model, optimizer, loss, world: World, seed: int, grad_clip: float = 0.0):
         self.model, self.optimizer, self.world = model, optimizer, world
         self.seed, self.grad_clip = seed, grad_clip
-        self._value_and_grad = nn.value_and_grad(model, loss_fn)
+        self._value_and_grad = nn.value_and_grad(
+            model, lambda model, batch, scale: loss(model, **batch, reduction="sum") * scale)
 
     def step(self, step: int, batch: dict, scale: float) -> float:
         mx.random.seed(step_seed(self.seed, step, self.world.rank))

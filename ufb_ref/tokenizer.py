@@ -89,11 +89,12 @@ class Tokenizer:
         return [self.id_to_token(i) for i in self.encode(text)]
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad to the longest sequence; the mask is 1 on real tokens."""
-    longest = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+def pad_batch(sequences: list[list[int]], pad_id: int, length: int | None = None) -> dict[str, np.ndarray]:
+    """Right-pad to ``length`` (default: the longest sequence); the mask is 1 on real
+    tokens."""
+    length = max(len(s) for s in sequences) if length is None else length
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1
