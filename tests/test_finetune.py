@@ -14,7 +14,7 @@ import ufb_mlx
 from conftest import CLS, MLM
 from train_utils import (count_task, keyword_task, load_weights, read_log, run_killed_after, run_module,
                          write_csv, write_jsonl)
-from ufb_mlx.cli import run
+from ufb_mlx.entry import errors_to_exit
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,7 @@ def test_kill_and_resume_is_bit_identical(keyword_data, tmp_path):
 def _fails(capsys, argv, *needles, module=None):
     from ufb_mlx import finetune
 
-    rc = run((module or finetune).main, [str(a) for a in argv])
+    rc = errors_to_exit((module or finetune).main, [str(a) for a in argv])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1, err

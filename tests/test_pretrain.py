@@ -13,7 +13,7 @@ import pytest
 import ufb_mlx
 from conftest import CLS, MLM
 from train_utils import keyword_task, load_weights, read_log, run_killed_after, run_module, toy_corpus
-from ufb_mlx.cli import run
+from ufb_mlx.entry import errors_to_exit
 
 TINY = ["--config", "tiny", "--seq-length", "32", "--vocab-size", "200"]
 
@@ -106,7 +106,7 @@ def test_kill_and_resume_is_bit_identical(corpus, tmp_path):
 def _fails(capsys, argv, *needles):
     from ufb_mlx import pretrain
 
-    rc = run(pretrain.main, [str(a) for a in argv])
+    rc = errors_to_exit(pretrain.main, [str(a) for a in argv])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert err.startswith("error: ") and err.count("\n") == 1, err

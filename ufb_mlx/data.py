@@ -55,7 +55,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return found
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.exists():
         raise UFBError(f"{path}: no such file")
     if not path.is_file():
@@ -68,7 +68,7 @@ def _read_text(path: Path) -> str:
         raise UFBError(f"{path}:{line}: not valid UTF-8 text") from e
 
 
-def _check_text(value, column: str, where: str, optional: bool = False) -> str | None:
+def check_text(value, column: str, where: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str):
@@ -97,7 +97,7 @@ def read_examples(path, fmt: str = "auto", text_column: str = "text", pair_colum
     ``need_label``; other fields are ignored."""
     path = Path(path)
     fmt = detect_format(path, fmt)
-    content = _read_text(path)
+    content = read_text(path)
     examples = (_read_jsonl if fmt == "jsonl" else _read_delimited)(
         path, content, fmt, text_column, pair_column, label_column, need_label)
     if not examples:
@@ -119,8 +119,8 @@ def _read_jsonl(path, content, fmt, text_col, pair_col, label_col, need_label):
             raise UFBError(f"{where}: expected a JSON object with a '{text_col}' field, got {type(row).__name__}")
         if text_col not in row:
             raise UFBError(f"{where}: no '{text_col}' field")
-        text = _check_text(row[text_col], text_col, where)
-        pair = _check_text(row.get(pair_col), pair_col, where, optional=True)
+        text = check_text(row[text_col], text_col, where)
+        pair = check_text(row.get(pair_col), pair_col, where, optional=True)
         label = None
         if label_col in row:
             label = _check_label(row[label_col], label_col, where)
@@ -150,8 +150,8 @@ def _read_delimited(path, content, fmt, text_col, pair_col, label_col, need_labe
                 continue
             if len(row) != len(header):
                 raise UFBError(f"{where}: {len(row)} fields, but the header has {len(header)}")
-            text = _check_text(row[ti], text_col, where)
-            pair = _check_text(row[pi], pair_col, where, optional=True) if pi is not None else None
+            text = check_text(row[ti], text_col, where)
+            pair = check_text(row[pi], pair_col, where, optional=True) if pi is not None else None
             label = _check_label(row[li], label_col, where) if li is not None else None
             out.append(Example(text, pair, label, where))
         return out
@@ -287,7 +287,7 @@ def read_corpus(files: list[Path]) -> list[str]:
     """Non-blank lines of the corpus files, stripped; each is a document segment."""
     lines: list[str] = []
     for f in files:
-        lines.extend(line.strip() for line in _read_text(f).splitlines() if line.strip())
+        lines.extend(line.strip() for line in read_text(f).splitlines() if line.strip())
     if not lines:
         raise UFBError(f"corpus ({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) "
                        "holds no text")

@@ -41,9 +41,14 @@ def evaluate_classifier(model: Model, seqs, targets, pad_id: int, batch_size: in
     logits = predict(model, seqs, pad_id, batch_size)
     targets = np.asarray(targets)
     loss = float(example_losses(mx.array(logits), mx.array(targets), is_regressor(model)).mean().item())
+    return {**task_metrics(model, logits, targets), "loss": loss}
+
+
+def task_metrics(model: Model, logits: np.ndarray, targets) -> dict[str, float]:
+    """The GLUE metrics of a classifier's (or regressor's) logits against the targets."""
     if is_regressor(model):
-        return {**metrics.regression_metrics(targets, logits[:, 0]), "loss": loss}
-    return {**metrics.classification_metrics(targets, logits.argmax(1), model.args.num_labels), "loss": loss}
+        return metrics.regression_metrics(targets, logits[:, 0])
+    return metrics.classification_metrics(targets, logits.argmax(1), model.args.num_labels)
 
 
 def label_names(model: Model) -> list[str]:

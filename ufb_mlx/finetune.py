@@ -32,12 +32,10 @@ from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import pad_batch
 
-from . import data as D
-from . import metrics as M
-from . import train as T
-from .cli import run
+from . import data, metrics, train
+from .entry import console
 from .evaluate import evaluate_classifier
-from .model import FFF_MODES, Model, classification_loss, load
+from .model import FFF_MODES, Model, classification_loss, load, save_model
 
 TASKS = ("classification", "regression")
 
@@ -71,8 +69,8 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
     args = ModelArgs.from_dict(params)
     mx.random.seed(seed)
     model = Model(args, fff_mode)
-    T.init_normal(model.pooler)
-    T.init_normal(model.head)
+    train.init_normal(model.pooler)
+    train.init_normal(model.head)
     weights = [(k, v) for k, v in tree_flatten(base.parameters())
                if k.startswith("encoder.") or (keep and k.startswith(("pooler.", "head.")))]
     model.load_weights(weights, strict=False)
@@ -93,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="classification")
     p.add_argument("--out", required=True, help="output folder: the best model, checkpoints, log.jsonl")
     d = p.add_argument_group("data")
-    d.add_argument("--format", choices=("auto",) + D.FORMATS, default="auto", help="default: from the file suffix")
+    d.add_argument("--format", choices=("auto",) + data.FORMATS, default="auto", help="default: from the file suffix")
     d.add_argument("--text-column", default="text")
     d.add_argument("--pair-column", default="text_pair")
     d.add_argument("--label-column", default="label")
@@ -105,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--batch-size", type=int, default=16, help="per process (default 16)")
     o.add_argument("--epochs", type=int, default=5)
-    o.add_argument("--schedule", choices=T.SCHEDULES, default="cosine")
+    o.add_argument("--schedule", choices=train.SCHEDULES, default="cosine")
     o.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all steps (default 0.1)")
     o.add_argument("--dropout", type=float, default=0.1)
     o.add_argument("--grad-clip", type=float, default=0.0, help="max global gradient norm (0: off)")
@@ -113,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("model")
     m.add_argument("--head-dim", type=int, help="pooler width of a new head (default: the checkpoint's)")
     m.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
-    m.add_argument("--metric", choices=tuple(M.HIGHER_IS_BETTER),
+    m.add_argument("--metric", choices=tuple(metrics.HIGHER_IS_BETTER),
                    help="selects the best model (default: accuracy; pearson for regression)")
-    T.add_run_arguments(p, save_every=0, save_help="checkpoint every N steps (0: at epoch ends only)")
+    train.add_run_arguments(p, save_every=0, save_help="checkpoint every N steps (0: at epoch ends only)")
     return p
 
 
@@ -140,7 +138,7 @@ def _check_args(a) -> None:
     if a.resume and a.force:
         raise UFBError("--resume and --force exclude each other")
     metric = a.metric or ("pearson" if a.task == "regression" else "accuracy")
-    allowed = (M.REGRESSION_METRICS if a.task == "regression" else M.CLASSIFICATION_METRICS) + ("loss",)
+    allowed = (metrics.REGRESSION_METRICS if a.task == "regression" else metrics.CLASSIFICATION_METRICS) + ("loss",)
     if metric not in allowed:
         raise UFBError(f"--metric {metric} does not fit --task {a.task} (choose from {', '.join(allowed)})")
     a.metric = metric
@@ -149,34 +147,34 @@ def _check_args(a) -> None:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
-    world = T.World()
+    world = train.World()
     out = Path(a.out)
 
     # Everything a bad input can break is checked before the output folder is touched.
     base_folder = resolve(a.model)
     if out.resolve() == base_folder.resolve():
         raise UFBError("--out must differ from --model (the model folder would be overwritten)")
-    T.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
+    train.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
     base, tok = load(a.model, fff_mode=a.fff_mode)
     max_length = a.max_length or base.args.max_seq_length
     if max_length > base.args.max_seq_length:
         raise UFBError(f"--max-length {max_length} exceeds the model's max_seq_length {base.args.max_seq_length}")
     cols = dict(fmt=a.format, text_column=a.text_column, pair_column=a.pair_column, label_column=a.label_column)
-    train_ex = D.read_examples(a.train, **cols)
-    valid_ex = D.read_examples(a.valid, **cols) if a.valid else []
+    train_ex = data.read_examples(a.train, **cols)
+    valid_ex = data.read_examples(a.valid, **cols) if a.valid else []
     regression = a.task == "regression"
     if regression:
         labels, id2label = None, None
-        y_train, y_valid = D.regression_targets(train_ex), D.regression_targets(valid_ex)
+        y_train, y_valid = data.regression_targets(train_ex), data.regression_targets(valid_ex)
     else:
-        labels = D.build_labels(train_ex, a.train)
+        labels = data.build_labels(train_ex, a.train)
         id2label = {str(i): k for i, k in enumerate(labels)}
-        y_train, y_valid = D.encode_labels(train_ex, labels), D.encode_labels(valid_ex, labels)
-    encoder = D.TextEncoder(tok, max_length)
+        y_train, y_valid = data.encode_labels(train_ex, labels), data.encode_labels(valid_ex, labels)
+    encoder = data.TextEncoder(tok, max_length)
     x_train, cut_train = encoder(train_ex)
     x_valid, cut_valid = encoder(valid_ex) if valid_ex else ([], 0)
     world.check_same("training data", _digest(x_train, y_train))
-    resume_from = T.prepare_out(out, world, a.resume, a.force)
+    resume_from = train.prepare_out(out, world, a.resume, a.force)
 
     source = {"finetuned_from": str(a.model), "task": a.task, "train": str(a.train)}
     model, kept = build_classifier(base, tok.path.parent, 1 if regression else len(labels), regression,
@@ -188,10 +186,10 @@ def main(argv=None) -> int:
     global_batch = a.batch_size * world.size
     steps_per_epoch = math.ceil(n / global_batch)
     total = steps_per_epoch * a.epochs
-    schedule = T.make_schedule(a.schedule, a.lr, total, a.warmup)
-    optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = T.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
-    logger = T.Logger(out, world, a.quiet)
+    schedule = train.make_schedule(a.schedule, a.lr, total, a.warmup)
+    optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
+    trainer = train.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
+    logger = train.Logger(out, world, a.quiet)
 
     # What determines the result: a resumed run must agree on all of it.
     run_cfg = {"model": str(a.model), "task": a.task, "labels": labels, "train_examples": n,
@@ -204,7 +202,7 @@ def main(argv=None) -> int:
     best = {"metric": a.metric, "value": None, "step": None, "epoch": None, "metrics": None}
     start = 0
     if resume_from is not None:
-        state = T.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, total)
+        state = train.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, total)
         start, best = state["step"], state.get("best", best)
     else:
         logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
@@ -230,10 +228,10 @@ def main(argv=None) -> int:
         epoch, i = divmod(step - 1, steps_per_epoch)
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = D.epoch_order(n, a.seed, epoch)
+            orders[epoch] = data.epoch_order(n, a.seed, epoch)
         rows = orders[epoch][i * global_batch:(i + 1) * global_batch]
         length = max(len(x_train[r]) for r in rows)
-        local = D.shard(rows, world.rank, world.size)
+        local = data.shard(rows, world.rank, world.size)
         weights = np.ones(len(local), dtype=np.float32)
         if not len(local):  # fewer rows than processes in the last batch: a zero-weight row
             local, weights = rows[:1], np.zeros(1, dtype=np.float32)
@@ -248,30 +246,30 @@ def main(argv=None) -> int:
         epoch = (step - 1) // steps_per_epoch + 1
         if epoch_end and valid_ex:
             res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)
-            improved = M.is_better(a.metric, res[a.metric], best["value"], res["loss"],
+            improved = metrics.is_better(a.metric, res[a.metric], best["value"], res["loss"],
                                    (best["metrics"] or {}).get("loss"))
             if improved:
                 best = {"metric": a.metric, "value": res[a.metric], "step": step, "epoch": epoch, "metrics": res}
                 if world.main:
-                    T.save_model(out, model, model.args, tok.path.parent)
+                    save_model(out, model, model.args, tok.path.parent)
             shown = " | ".join(f"{k} {v:.4f}" for k, v in res.items())
             logger.print(f"eval epoch {epoch} step {step} | {shown}" + (" | best, saved" if improved else ""))
             logger.record("eval", step=step, epoch=epoch, best=improved, **res)
         elif epoch_end and world.main:  # no validation data: the latest model is the result
-            T.save_model(out, model, model.args, tok.path.parent)
+            save_model(out, model, model.args, tok.path.parent)
             best = {"metric": None, "value": None, "step": step, "epoch": epoch, "metrics": None}
         if epoch_end or (a.save_every and step % a.save_every == 0) or step == total:
             if world.main:
-                path = T.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
+                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
                 logger.print(f"checkpoint step {step} -> {path}")
             logger.record("checkpoint", step=step)
             world.barrier()
 
-    T.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
+    train.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
                  after_step=after_step, log_every=a.log_every,
                  describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
     if world.main:
-        T.atomic_write_text(out / "train_results.json", json.dumps(T.clean_tree(best), indent=2) + "\n")
+        train.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
     if best["value"] is not None:
         logger.print(f"best {a.metric} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']}); "
                      f"model saved in {out}")
@@ -286,5 +284,7 @@ def _digest(x, y) -> str:
     return hashlib.sha256(json.dumps([x, np.asarray(y).tolist()]).encode()).hexdigest()[:16]
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

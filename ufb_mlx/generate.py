@@ -53,7 +53,7 @@ import numpy as np
 from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import pad_batch
 
-from .cli import run
+from .entry import console
 from .model import load
 
 # The model used when --model is not given: the small demo model that ships inside the
@@ -333,5 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

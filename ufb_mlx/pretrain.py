@@ -38,11 +38,10 @@ from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import Tokenizer
 
-from . import data as D
-from . import train as T
-from .cli import run
+from . import data, train
+from .entry import console
 from .evaluate import evaluate_mlm
-from .model import FFF_MODES, Model, load, mlm_loss
+from .model import FFF_MODES, Model, load, mlm_loss, save_model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
@@ -93,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eps", type=float, default=1e-12)
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--grad-clip", type=float, default=0.5, help="max global gradient norm (0: off)")
-    o.add_argument("--schedule", choices=T.SCHEDULES, default="triangle")
+    o.add_argument("--schedule", choices=train.SCHEDULES, default="triangle")
     o.add_argument("--warmup", type=float, default=0.5, help="fraction of the steps at which the triangle peaks")
     o.add_argument("--dropout", type=float, default=0.0)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
-    r = T.add_run_arguments(p, save_every=500, save_help="checkpoint (and model) every N steps, and at the end")
+    r = train.add_run_arguments(p, save_every=500, save_help="checkpoint (and model) every N steps, and at the end")
     r.add_argument("--eval-every", type=int, default=100)
     return p
 
@@ -134,13 +133,13 @@ def _tokenizer_hash(tok: Tokenizer) -> str:
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
-    world = T.World()
+    world = train.World()
     out = Path(a.out)
 
     # Corpus and model source first: bad inputs fail before the output folder is touched.
-    files = D.corpus_files(a.corpus)
-    lines = D.read_corpus(files)
-    valid_lines = D.read_corpus(D.corpus_files(a.valid)) if a.valid else None
+    files = data.corpus_files(a.corpus)
+    lines = data.read_corpus(files)
+    valid_lines = data.read_corpus(data.corpus_files(a.valid)) if a.valid else None
     base = base_tok = None
     if a.model:
         folder = resolve(a.model)
@@ -159,10 +158,10 @@ def main(argv=None) -> int:
         cfg["max_seq_length"] = seq
     if a.tokenizer:
         Tokenizer(a.tokenizer)  # a clear error for a missing or bad tokenizer.json
-    resume_from = T.check_out(out, a.resume, a.force)
+    resume_from = train.check_out(out, a.resume, a.force)
 
     # Tokenizer: the model's, a given one, the interrupted run's, or a new one.
-    logger = T.Logger(out, world, a.quiet)
+    logger = train.Logger(out, world, a.quiet)
     hf = None
     if base_tok is not None:
         tok, tok_src = base_tok, base_tok.path.parent
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
         # trains it and sends it to the others; it is saved in OUT, where --resume finds it.
         target = a.vocab_size or cfg["vocab_size"]
         logger.print(f"training a WordPiece tokenizer (vocabulary {target}) on {len(lines)} lines")
-        hf = D.train_wordpiece(lines, target) if world.main else None
+        hf = data.train_wordpiece(lines, target) if world.main else None
         text = world.broadcast_text(hf.to_str() if world.main else None)
         tmp_dir = tempfile.mkdtemp(prefix="ufb-tokenizer-")  # read again while packing
         atexit.register(shutil.rmtree, tmp_dir, True)
@@ -195,9 +194,9 @@ def main(argv=None) -> int:
     args = ModelArgs.from_dict(cfg)
 
     # Data: packed blocks, a held-out split, fixed held-out masks.
-    blocks = D.pack(tok, lines, seq)
+    blocks = data.pack(tok, lines, seq)
     if valid_lines is not None:
-        valid = D.pack(tok, valid_lines, seq, what="held-out corpus")
+        valid = data.pack(tok, valid_lines, seq, what="held-out corpus")
     else:
         if len(blocks) < 2:
             raise UFBError(f"corpus too small for a held-out split: {len(blocks)} block of {seq} tokens "
@@ -207,10 +206,10 @@ def main(argv=None) -> int:
         valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
-    T.prepare_out(out, world, a.resume, a.force)
+    train.prepare_out(out, world, a.resume, a.force)
     if hf is not None and world.main:
-        D.save_tokenizer_files(hf, out, seq)
-    masker = D.Masker(tok, args.vocab_size, a.mask_rate)
+        data.save_tokenizer_files(hf, out, seq)
+    masker = data.Masker(tok, args.vocab_size, a.mask_rate)
     valid_inputs, valid_labels = masker(valid, np.random.default_rng([a.seed, 2**31 - 1]))
     world.check_same("corpus", hashlib.sha256(blocks.tobytes() + valid.tobytes()).hexdigest())
 
@@ -220,16 +219,16 @@ def main(argv=None) -> int:
         model = base
     else:
         model = Model(args, a.fff_mode)
-        T.init_normal(model)
+        train.init_normal(model)
         emb = model.encoder.embedding.word_embedding
         emb.weight = emb.weight * (mx.arange(args.vocab_size) != args.pad_token_id)[:, None]  # padding row 0
         mx.eval(model.parameters())
     model.args = args
     model.set_dropout(a.dropout)
 
-    schedule = T.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
-    optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = T.Trainer(model, optimizer, mlm_loss, world, a.seed, a.grad_clip)
+    schedule = train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
+    optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
+    trainer = train.Trainer(model, optimizer, mlm_loss, world, a.seed, a.grad_clip)
     run_cfg = {"config": {k: v for k, v in cfg.items() if k != "source"}, "tokenizer": _tokenizer_hash(tok), "data": hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
                "valid": hashlib.sha256(valid.tobytes()).hexdigest()[:16], "steps": a.steps,
                "batch_size": a.batch_size, "processes": world.size, "lr": a.lr, "betas": list(a.betas), "eps": a.eps,
@@ -237,7 +236,7 @@ def main(argv=None) -> int:
                "mask_rate": a.mask_rate, "dropout": a.dropout, "seed": a.seed, "fff_mode": a.fff_mode}
     start = 0
     if resume_from is not None:
-        start = T.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, a.steps)["step"]
+        start = train.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, a.steps)["step"]
     else:
         n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
         logger.print(f"pretraining {'from ' + str(a.model) if a.model else (a.config or 'base') + ' from scratch'}: "
@@ -264,13 +263,13 @@ def main(argv=None) -> int:
             if int(e) not in orders:
                 if len(orders) > 4:
                     orders.pop(min(orders))
-                orders[int(e)] = D.epoch_order(n, a.seed, int(e))
+                orders[int(e)] = data.epoch_order(n, a.seed, int(e))
         return np.array([orders[int(e)][w] for e, w in zip(epochs, within)])
 
     def get_batch(step):
         inputs, labels = masker(blocks[rows_of(step)], np.random.default_rng([a.seed, step]))
         count = int((labels != -100).sum())
-        local = D.shard(np.arange(global_batch), world.rank, world.size)
+        local = data.shard(np.arange(global_batch), world.rank, world.size)
         # A slice without a masked token adds 0 to the loss sum (and zero gradients).
         batch = {"input_ids": mx.array(inputs[local]), "attention_mask": mx.ones(inputs[local].shape, dtype=mx.int32),
                  "labels": labels[local]}
@@ -283,17 +282,19 @@ def main(argv=None) -> int:
             logger.record("eval", step=step, **res)
         if step % a.save_every == 0 or step == a.steps:
             if world.main:
-                T.save_model(out, model, args, tok_src)
-                path = T.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
+                save_model(out, model, args, tok_src)
+                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
                 logger.print(f"checkpoint step {step} -> {path}")
             logger.record("checkpoint", step=step)
             world.barrier()
 
-    T.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
+    train.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
                  after_step=after_step, log_every=a.log_every)
     logger.print(f"model saved in {out}")
     return 0
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

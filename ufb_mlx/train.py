@@ -40,7 +40,6 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
-from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 
 CHECKPOINTS = "checkpoints"
@@ -130,17 +129,17 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
         raise UFBError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
     if not 0 <= warmup < 1:
         raise UFBError(f"warm-up must be a fraction in [0, 1), got {warmup}")
-    T = max(int(total_steps), 1)
-    W = int(round(warmup * T))
+    total = max(int(total_steps), 1)
+    warm = int(round(warmup * total))
 
     def schedule(step):
         s = mx.array(step).astype(mx.float32)
-        up = lr * mx.minimum((s + 1) / max(W, 1), 1.0)
+        up = lr * mx.minimum((s + 1) / max(warm, 1), 1.0)
         if kind == "constant":
-            return up if W else mx.full(s.shape, lr, mx.float32)
-        progress = mx.clip((s - W) / max(T - W, 1), 0.0, 1.0)
+            return up if warm else mx.full(s.shape, lr, mx.float32)
+        progress = mx.clip((s - warm) / max(total - warm, 1), 0.0, 1.0)
         down = lr * 0.5 * (1 + mx.cos(math.pi * progress)) if kind == "cosine" else lr * (1 - progress)
-        return mx.where(s < W, up, down)
+        return mx.where(s < warm, up, down)
 
     return schedule
 
@@ -322,24 +321,6 @@ def atomic_save_arrays(path: Path, arrays: dict) -> None:
     os.replace(tmp, path)
 
 
-def model_arrays(model) -> dict:
-    return dict(tree_flatten(model.parameters()))
-
-
-def save_model(folder: Path, model, args: ModelArgs, tokenizer_folder: Path | None = None) -> None:
-    """A model folder that ``ufb_mlx.load`` reads: config.json (the flat ModelArgs),
-    model.safetensors and the tokenizer files; each file replaced atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != folder.resolve():
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_folder) / name
-            if src.is_file():
-                atomic_write_text(folder / name, src.read_text())
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
-    atomic_save_arrays(folder / WEIGHTS_FILE, model_arrays(model))
-
-
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     root = Path(out) / CHECKPOINTS
     if not root.is_dir():
@@ -361,7 +342,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_arrays(tmp / WEIGHTS_FILE, model_arrays(model))
+    _save_arrays(tmp / WEIGHTS_FILE, dict(tree_flatten(model.parameters())))
     _save_arrays(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
     (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
     _fsync(tmp / STATE_FILE)
@@ -375,8 +356,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore weights and optimizer state in place; returns the trainer state."""
+def restore_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore a training checkpoint's weights and optimizer state in place; returns its
+    trainer state (step, run options, best result)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         model.load_weights(list(mx.load(str(path / WEIGHTS_FILE)).items()), strict=True)
@@ -443,7 +425,7 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
     checkpoint, refuse options that would change the result, and cut the log back to it."""
     if world.main:
         clean_stale_temporaries(out)
-    state = load_checkpoint(checkpoint, model, optimizer)
+    state = restore_checkpoint(checkpoint, model, optimizer)
     check_resume(state.get("run", {}), run_cfg)
     logger.truncate_after(state["step"])
     logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")
