@@ -21,7 +21,7 @@ DEMO = REPO / "ufb_mlx" / "demo_model"
 
 
 def test_demo_model_is_the_generate_default_and_small():
-    assert DEFAULT_MODEL is not None and DEFAULT_MODEL == str(DEMO)
+    assert DEFAULT_MODEL == str(DEMO)
     weights = DEMO / "model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 25 * 2**20
     cfg = json.loads((DEMO / "config.json").read_text())

@@ -192,13 +192,9 @@ def main(argv=None) -> int:
     logger = train.Logger(out, world, a.quiet)
 
     # What determines the result: a resumed run must agree on all of it.
-    run_cfg = {"model": str(a.model), "task": a.task, "labels": labels, "train_examples": n,
-               "train_hash": _digest(x_train, y_train), "valid_hash": _digest(x_valid, y_valid),
-               "lr": a.lr, "betas": list(a.betas), "eps": a.eps, "weight_decay": a.weight_decay,
-               "batch_size": a.batch_size, "processes": world.size, "epochs": a.epochs,
-               "schedule": a.schedule, "warmup": a.warmup, "dropout": a.dropout, "grad_clip": a.grad_clip,
-               "seed": a.seed, "head_dim": model.args.head_dim, "fff_mode": a.fff_mode, "metric": a.metric,
-               "max_length": max_length}
+    run_cfg = train.fingerprint(a, ("train", "valid"), labels=labels, train_examples=n,
+                                train_hash=_digest(x_train, y_train), valid_hash=_digest(x_valid, y_valid),
+                                processes=world.size, head_dim=model.args.head_dim, max_length=max_length)
     best = {"metric": a.metric, "value": None, "step": None, "epoch": None, "metrics": None}
     start = 0
     if resume_from is not None:

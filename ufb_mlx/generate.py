@@ -58,7 +58,7 @@ from .model import load
 
 # The model used when --model is not given: the small demo model that ships inside the
 # package (ufb_mlx/demo_model, see its README.md), so the tool works offline.
-DEFAULT_MODEL: str | None = str(Path(__file__).resolve().parent / "demo_model")
+DEFAULT_MODEL = str(Path(__file__).resolve().parent / "demo_model")
 
 STRATEGIES = ("iterative", "parallel")
 
@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fill the masks ([MASK] or <mask>) of prompts with an UltraFastBERT masked-LM model.",
         epilog='example: python -m ufb_mlx.generate --model tests/data/golden/ufb-tiny-1x3 '
                '--prompt "The capital of France is [MASK]."')
-    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="converted or Hub-layout model folder, or a Hub repo id "
                         "(default: the demo model shipped in ufb_mlx/demo_model)")
     src = p.add_mutually_exclusive_group(required=True)

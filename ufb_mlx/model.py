@@ -105,7 +105,7 @@ class FFF(nn.Module):
 class FFN(nn.Module):
     """Dense feedforward twin (``intermed_type`` "ffn"): gelu(x W_in^T + b) W_out^T."""
 
-    def __init__(self, args: ModelArgs, mode: str = "conditional", backend: str = "auto"):
+    def __init__(self, args: ModelArgs):
         super().__init__()
         self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
         self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
@@ -120,7 +120,7 @@ class TransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
         self.attn = Attention(args)
         self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
-        self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode, backend)
+        self.ffn = FFF(args, fff_mode, backend) if args.intermed_type == "fff" else FFN(args)
         self.dropout = nn.Dropout(0.0)
 
     def __call__(self, x, additive_mask, paths=None):
@@ -174,10 +174,12 @@ class Model(nn.Module):
             self.head = nn.Linear(args.head_dim, args.num_labels)
 
     def set_dropout(self, p: float) -> None:
-        """Dropout for fine-tuning (the paper's 0.1); the checkpoints run without it."""
-        for _, m in self.named_modules():
-            if isinstance(m, nn.Dropout):
-                m._p_1 = 1 - p
+        """Dropout for fine-tuning (the paper's 0.1); the checkpoints run without it. The
+        dropout modules are replaced (nn.Dropout keeps its rate private)."""
+        for layer in self.encoder.layers:
+            layer.dropout = nn.Dropout(p)
+        if "pooler" in self:
+            self.pooler.dropout = nn.Dropout(p)
 
     def encode(self, input_ids, attention_mask=None, paths=None):
         ids, mask = check_inputs(input_ids, attention_mask, self.args)

@@ -229,11 +229,10 @@ def main(argv=None) -> int:
     schedule = train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
     optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
     trainer = train.Trainer(model, optimizer, mlm_loss, world, a.seed, a.grad_clip)
-    run_cfg = {"config": {k: v for k, v in cfg.items() if k != "source"}, "tokenizer": _tokenizer_hash(tok), "data": hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
-               "valid": hashlib.sha256(valid.tobytes()).hexdigest()[:16], "steps": a.steps,
-               "batch_size": a.batch_size, "processes": world.size, "lr": a.lr, "betas": list(a.betas), "eps": a.eps,
-               "weight_decay": a.weight_decay, "grad_clip": a.grad_clip, "schedule": a.schedule, "warmup": a.warmup,
-               "mask_rate": a.mask_rate, "dropout": a.dropout, "seed": a.seed, "fff_mode": a.fff_mode}
+    run_cfg = train.fingerprint(a, ("corpus", "valid", "tokenizer"),
+                                model_config={k: v for k, v in cfg.items() if k != "source"},
+                                tokenizer_hash=_tokenizer_hash(tok), data=hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
+                                valid_hash=hashlib.sha256(valid.tobytes()).hexdigest()[:16], processes=world.size)
     start = 0
     if resume_from is not None:
         start = train.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, a.steps)["step"]

@@ -68,29 +68,31 @@ class World:
         return self.rank == 0
 
     def sum(self, values) -> np.ndarray:
-        """Element-wise sum over the processes of a small float64/int array."""
+        """Element-wise sum over the processes of a small array: integers exactly (as
+        int64), floats in float64."""
         values = np.asarray(values)
         if self.size == 1:
             return values
-        out = mx.distributed.all_sum(mx.array(values.astype(np.float32)), group=self.group)
+        wide = np.int64 if np.issubdtype(values.dtype, np.integer) else np.float64
+        out = mx.distributed.all_sum(mx.array(values.astype(wide)), group=self.group, stream=mx.cpu)
         return np.array(out).astype(values.dtype)
 
     def barrier(self) -> None:
         if self.size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+            mx.eval(mx.distributed.all_sum(mx.array(1), group=self.group, stream=mx.cpu))
 
     def broadcast_text(self, text: str | None) -> str:
-        """Rank 0's ``text`` on every process (an all-sum in which the others add zeros);
-        needs no shared file system."""
+        """Rank 0's ``text`` on every process (an all-sum of its UTF-8 bytes in which the
+        others add zeros, exact in uint8); needs no shared file system."""
         if self.size == 1:
             return text
         data = np.frombuffer(text.encode(), dtype=np.uint8) if self.main else np.zeros(0, np.uint8)
-        n = int(self.sum(np.array([len(data)], dtype=np.float64))[0])
-        buf = np.zeros(n, dtype=np.float32)
+        n = int(self.sum(np.array([len(data)], dtype=np.int64))[0])
+        buf = np.zeros(n, dtype=np.uint8)
         if self.main:
             buf[:] = data
-        every = np.array(mx.distributed.all_sum(mx.array(buf), group=self.group))
-        return every.astype(np.uint8).tobytes().decode()
+        every = np.array(mx.distributed.all_sum(mx.array(buf), group=self.group, stream=mx.cpu))
+        return every.tobytes().decode()
 
     def check_same(self, what: str, text: str) -> None:
         """All processes must hold the same ``text`` (e.g. a tokenizer or a label map)."""
@@ -430,6 +432,21 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
     logger.truncate_after(state["step"])
     logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")
     return state
+
+
+# Options that say where a run writes, how it starts and how often it reports or saves:
+# a resumed run may change them. Every other option is part of the run's fingerprint.
+NOT_FINGERPRINTED = ("out", "resume", "force", "quiet", "log_every", "save_every", "keep", "eval_every",
+                     "eval_batch_size")
+
+
+def fingerprint(args, inputs: tuple[str, ...] = (), **derived) -> dict:
+    """What determines a run's result, which ``--resume`` compares: every parsed option
+    (``args``, an argparse Namespace) except NOT_FINGERPRINTED and the ``inputs`` (files
+    whose content ``derived`` holds as hashes, so that a moved file still resumes), plus
+    ``derived`` (values computed from the inputs, which win over options of the same name)."""
+    options = {k: v for k, v in vars(args).items() if k not in NOT_FINGERPRINTED and k not in inputs}
+    return json.loads(json.dumps({**options, **derived}))  # as it reads back from JSON
 
 
 def check_resume(saved: dict, run: dict) -> None:
