@@ -54,11 +54,10 @@ from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import pad_batch
 
 from .entry import console
-from .model import load
+from .model import DEMO_MODEL, load
 
-# The model used when --model is not given: the small demo model that ships inside the
-# package (ufb_mlx/demo_model, see its README.md), so the tool works offline.
-DEFAULT_MODEL = str(Path(__file__).resolve().parent / "demo_model")
+# The model used when --model is not given: the demo model shipped in the package.
+DEFAULT_MODEL = str(DEMO_MODEL)
 
 STRATEGIES = ("iterative", "parallel")
 

@@ -22,6 +22,9 @@ from . import backend as backend_lib
 from . import fff as fff_lib
 
 FFF_MODES = ("conditional", "dense")
+# The small pretrained model that ships inside the package (see its README.md), so that
+# the tools work offline.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 
 
 class ScaledSinusoidal(nn.Module):
