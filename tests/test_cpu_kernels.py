@@ -26,7 +26,8 @@ from ufb_ref.errors import UFBError
 
 if not cpu_kernels.available():
     # CI builds the extension (pip install -e .): its absence is a failure, not a skip.
-    raise RuntimeError(f"the CPU extension is not available: {cpu_kernels.unavailable_reason()}")
+    raise RuntimeError(f"the CPU extension is not available: {cpu_kernels.unavailable_reason()} "
+                       "(in a second checkout: `python setup.py build_ext --inplace`)")
 
 ext = cpu_kernels.ext()
 ISAS = ext.isas()
