@@ -53,7 +53,7 @@ def read_inputs(a) -> list[data.Example]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ufb_mlx.classify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="classifier folder (e.g. the --out of ufb_mlx.finetune)")
+    p.add_argument("--model", required=True, help="classifier folder (e.g. the --out of ufb_mlx.finetune) or Hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a text to classify (repeatable)")
     src.add_argument("--file", help="texts to classify: .jsonl, .csv, .tsv (text, optional text_pair and label) or .txt")

@@ -21,7 +21,7 @@ from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import Tokenizer
 
 from .entry import console
-from .model import save_model
+from .model import model_location, save_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -34,7 +34,7 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
         raise UFBError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if out.exists() and not force:
         raise UFBError(f"output folder '{out}' exists; pass --force to replace it")
-    ckpt = load_checkpoint(hf_path)
+    ckpt = load_checkpoint(model_location(hf_path))
     folder, args, weights = ckpt.folder, ckpt.args, ckpt.weights
     Tokenizer(folder, args.max_seq_length)  # a model without a working tokenizer is refused
     args.source = {"hf_path": str(hf_path), "format": ckpt.layout, "dtype": dtype}
@@ -59,7 +59,7 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hf-path", required=True, help="Hub repo id or local Hub-layout folder")
+    p.add_argument("--hf-path", required=True, help="Hub repo id, local Hub-layout folder or 'demo'")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default float32)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")

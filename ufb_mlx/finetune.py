@@ -35,9 +35,15 @@ from ufb_ref.tokenizer import pad_batch
 from . import data, metrics, train
 from .entry import console
 from .evaluate import evaluate_classifier
-from .model import FFF_MODES, Model, classification_loss, load, save_model
+from .model import DEMO, FFF_MODES, Model, classification_loss, load, model_location, save_model
 
 TASKS = ("classification", "regression")
+# The defaults of --lr and --epochs. Everything else (AdamW betas 0.9/0.98, eps 1e-6, weight
+# decay 0.01, batch 16, cosine schedule with 10 % warm-up, dropout 0.1) is the paper's in both.
+RECIPES = {
+    "paper": {"lr": 4e-5, "epochs": 5, "about": "the paper's GLUE recipe for the 16-layer model"},
+}
+DEFAULT_RECIPE = "paper"
 
 
 # ---------------------------------------------------------------------------------------
@@ -85,7 +91,9 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder or Hub id (MLM or classifier)")
+    p.add_argument("--model", default=DEMO,
+                   help="model folder, Hub id or 'demo' (the model shipped in the package; default); "
+                        "an MLM or a classifier")
     p.add_argument("--train", required=True, help="training data (.jsonl, .csv or .tsv)")
     p.add_argument("--valid", help="validation data, evaluated after every epoch")
     p.add_argument("--task", choices=TASKS, default="classification")
@@ -96,19 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pair-column", default="text_pair")
     d.add_argument("--label-column", default="label")
     d.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's max_seq_length)")
-    o = p.add_argument_group("optimisation (defaults: the paper's recipe)")
-    o.add_argument("--lr", type=float, default=4e-5)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="the defaults of --lr and --epochs: " + "; ".join(
+                       f"{k}: {v['about']} (lr {v['lr']:g}, {v['epochs']} epochs)" for k, v in RECIPES.items())
+                   + f" (default {DEFAULT_RECIPE})")
+    o.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     o.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98))
     o.add_argument("--eps", type=float, default=1e-6)
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--batch-size", type=int, default=16, help="per process (default 16)")
-    o.add_argument("--epochs", type=int, default=5)
+    o.add_argument("--epochs", type=int, help="passes over the training data (default: the recipe's)")
+    o.add_argument("--max-steps", type=int,
+                   help="train exactly this many optimizer steps instead of whole epochs (the schedule spans them)")
     o.add_argument("--schedule", choices=train.SCHEDULES, default="cosine")
     o.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all steps (default 0.1)")
     o.add_argument("--dropout", type=float, default=0.1)
     o.add_argument("--grad-clip", type=float, default=0.0, help="max global gradient norm (0: off)")
     o.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
+    m.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                   help="random: the same architecture and tokenizer with fresh weights (a baseline)")
     m.add_argument("--head-dim", type=int, help="pooler width of a new head (default: the checkpoint's)")
     m.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
     m.add_argument("--metric", choices=tuple(metrics.HIGHER_IS_BETTER),
@@ -118,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a) -> None:
+    recipe = RECIPES[a.recipe]
+    a.lr = recipe["lr"] if a.lr is None else a.lr
+    a.epochs = recipe["epochs"] if a.epochs is None else a.epochs
     positive = {"--batch-size": a.batch_size, "--epochs": a.epochs, "--eval-batch-size": a.eval_batch_size,
-                "--log-every": a.log_every, "--keep": a.keep}
+                "--log-every": a.log_every, "--keep": a.keep, "--max-steps": a.max_steps or 1}
     for name, v in positive.items():
         if v < 1:
             raise UFBError(f"{name} must be at least 1, got {v}")
@@ -151,7 +170,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
 
     # Everything a bad input can break is checked before the output folder is touched.
-    base_folder = resolve(a.model)
+    base_folder = resolve(model_location(a.model))
     if out.resolve() == base_folder.resolve():
         raise UFBError("--out must differ from --model (the model folder would be overwritten)")
     train.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
@@ -180,12 +199,16 @@ def main(argv=None) -> int:
     model, kept = build_classifier(base, tok.path.parent, 1 if regression else len(labels), regression,
                                    id2label, a.head_dim, a.seed, a.fff_mode, source)
     del base
+    if a.init == "random":  # a baseline: the same architecture and tokenizer, nothing learnt
+        mx.random.seed(a.seed)
+        train.init_model(model)
+        kept = False
     model.set_dropout(a.dropout)
 
     n = len(x_train)
     global_batch = a.batch_size * world.size
     steps_per_epoch = math.ceil(n / global_batch)
-    total = steps_per_epoch * a.epochs
+    total = a.max_steps or steps_per_epoch * a.epochs
     schedule = train.make_schedule(a.schedule, a.lr, total, a.warmup)
     optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
     trainer = train.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
@@ -204,9 +227,11 @@ def main(argv=None) -> int:
         logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
                      + (f", {len(x_valid)} validation" if valid_ex else "")
                      + (f", labels {labels}" if labels else "")
-                     + f"; {a.epochs} epochs x {steps_per_epoch} steps, batch {a.batch_size}"
+                     + (f"; {total} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch})" if a.max_steps
+                        else f"; {a.epochs} epochs x {steps_per_epoch} steps") + f", batch {a.batch_size}"
                      + (f" x {world.size} processes" if world.size > 1 else "")
-                     + ("; head kept from the checkpoint" if kept else "; new classification head"))
+                     + ("; random weights (--init random)" if a.init == "random"
+                        else "; head kept from the checkpoint" if kept else "; new classification head"))
         for what, cut in (("training", cut_train), ("validation", cut_valid)):
             if cut:
                 logger.print(f"note: {cut} {what} examples truncated to {max_length} tokens")
@@ -238,7 +263,7 @@ def main(argv=None) -> int:
 
     def after_step(step):
         nonlocal best
-        epoch_end = step % steps_per_epoch == 0
+        epoch_end = step % steps_per_epoch == 0 or step == total  # (--max-steps may end mid-epoch)
         epoch = (step - 1) // steps_per_epoch + 1
         if epoch_end and valid_ex:
             res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)

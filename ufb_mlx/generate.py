@@ -54,10 +54,7 @@ from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import pad_batch
 
 from .entry import console
-from .model import DEMO_MODEL, load
-
-# The model used when --model is not given: the demo model shipped in the package.
-DEFAULT_MODEL = str(DEMO_MODEL)
+from .model import DEMO, load
 
 STRATEGIES = ("iterative", "parallel")
 
@@ -235,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fill the masks ([MASK] or <mask>) of prompts with an UltraFastBERT masked-LM model.",
         epilog='example: python -m ufb_mlx.generate --model tests/data/golden/ufb-tiny-1x3 '
                '--prompt "The capital of France is [MASK]."')
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="converted or Hub-layout model folder, or a Hub repo id "
-                        "(default: the demo model shipped in ufb_mlx/demo_model)")
+    p.add_argument("--model", default=DEMO,
+                   help="model folder (converted or Hub layout), Hub repo id, or 'demo': the small "
+                        "model shipped in the package (default)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append",
                      help="text with one or more masks; '-' reads one prompt from stdin (repeatable)")

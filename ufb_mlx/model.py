@@ -25,6 +25,13 @@ FFF_MODES = ("conditional", "dense")
 # The small pretrained model that ships inside the package (see its README.md), so that
 # the tools work offline.
 DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO = "demo"  # its name in load() and in every tool's --model (a local folder "demo": ./demo)
+
+
+def model_location(path_or_hub_id):
+    """The demo model's folder for the name "demo"; anything else as given (a folder or a
+    Hub id, which ufb_ref.checkpoint resolves)."""
+    return DEMO_MODEL if str(path_or_hub_id) == DEMO else path_or_hub_id
 
 
 class ScaledSinusoidal(nn.Module):
@@ -283,7 +290,8 @@ def column_major(w):
 
 
 def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str = "auto"):
-    """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
+    """(Model, Tokenizer) from a converted folder, a Hub-layout folder, a Hub repo id or
+    "demo" (the small model shipped in the package).
     ``backend`` picks the conditional FFF's implementation (ufb_mlx.backend: "auto",
     "ops", "cpu", "metal"); an explicit one that is not present here is refused now.
     ``dtype`` (e.g. mx.float16) casts the weights. Default: as stored when the model runs
@@ -292,7 +300,7 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     if fff_mode not in FFF_MODES:
         raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
     backend_lib.resolve(backend)
-    ckpt = load_checkpoint(path_or_hub_id)
+    ckpt = load_checkpoint(model_location(path_or_hub_id))
     args = ckpt.args
     model = Model(args, fff_mode, backend)
     # The same rule as the FFF's backend choice: the device of the current stream.

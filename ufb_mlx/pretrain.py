@@ -41,7 +41,7 @@ from ufb_ref.tokenizer import Tokenizer
 from . import data, train
 from .entry import console
 from .evaluate import evaluate_mlm
-from .model import FFF_MODES, Model, load, mlm_loss, save_model
+from .model import FFF_MODES, Model, load, model_location, mlm_loss, save_model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: the model, checkpoints, log.jsonl")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="tiny, base (the released 1x11 architecture; default) or a flat config JSON")
-    src.add_argument("--model", help="continue pretraining this MLM model (folder or Hub id)")
+    src.add_argument("--model", help="continue pretraining this MLM model (folder, Hub id or 'demo')")
     t = p.add_argument_group("tokenizer and data")
     t.add_argument("--tokenizer", help="folder with a tokenizer.json (default: train one on the corpus)")
     t.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: the config's)")
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     valid_lines = data.read_corpus(data.corpus_files(a.valid)) if a.valid else None
     base = base_tok = None
     if a.model:
-        folder = resolve(a.model)
+        folder = resolve(model_location(a.model))
         if out.resolve() == folder.resolve():
             raise UFBError("--out must differ from --model (the model folder would be overwritten)")
         base, base_tok = load(a.model, fff_mode=a.fff_mode)
@@ -219,10 +219,7 @@ def main(argv=None) -> int:
         model = base
     else:
         model = Model(args, a.fff_mode)
-        train.init_normal(model)
-        emb = model.encoder.embedding.word_embedding
-        emb.weight = emb.weight * (mx.arange(args.vocab_size) != args.pad_token_id)[:, None]  # padding row 0
-        mx.eval(model.parameters())
+        train.init_model(model)
     model.args = args
     model.set_dropout(a.dropout)
 

@@ -174,6 +174,15 @@ def init_normal(module, std: float = 0.02) -> None:
             m.bias = mx.zeros_like(m.bias)
 
 
+def init_model(model) -> None:
+    """A new model's weights as the original initialises them: ``init_normal`` everywhere,
+    and the embedding's padding row 0."""
+    init_normal(model)
+    emb = model.encoder.embedding.word_embedding
+    emb.weight = emb.weight * (mx.arange(emb.weight.shape[0]) != model.args.pad_token_id)[:, None]
+    mx.eval(model.parameters())
+
+
 # ---------------------------------------------------------------------------------------
 # The step
 
