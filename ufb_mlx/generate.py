@@ -2,7 +2,8 @@
 --prompt "The capital of France is [MASK]."``
 
 For each mask of a prompt, in order of position, it prints the top-k candidate tokens with
-their probabilities and the token chosen, then the completed sentence. Several masks are
+their probabilities and the token chosen, then the prompt as written with its masks
+filled in. Several masks are
 filled one at a time, most confident first (``--strategy iterative``: re-encode, predict
 the remaining masks, fill the one whose best candidate is most probable, repeat), or all at
 once from a single pass (``--strategy parallel``). The decoder runs only on the hidden
@@ -19,12 +20,14 @@ JSON output (``--json``), one object on stdout::
         "tokens": int,                              # its length in tokens (with <sep>)
         "masks": [                                  # one per mask, in order of position
           {"position": int,                         # token index in the encoded prompt
-           "step": int,                             # 0-based fill step (iterative order;
-                                                    #   always 0 for parallel)
+           "span": [int, int],                      # its characters in the prompt: start, end
+           "step": int,                             # fill step, 1-based as in the text output
+                                                    #   (iterative order; always 1 for parallel)
            "candidates": [{"token": str, "token_id": int, "prob": float}, ...],
                                                     # top-k, prob descending
            "chosen": {"token": str, "token_id": int, "prob": float}}],
-        "completed": str}],                         # filled ids decoded, no special tokens
+        "completed": str}],                         # the prompt as written, each mask's span
+                                                    #   replaced by its chosen token
      "stats": {"prompt_tokens": int,                # sum of the prompts' lengths
                "encoded_tokens": int,               # tokens run through the encoder, all
                                                     #   passes (iterative: one per mask step)
@@ -129,17 +132,28 @@ def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterat
         filled, masks = _fill_batch(model, tokenizer, chunk, rngs, top_k, strategy, temperature,
                                     banned, counters)
         for i, ids in enumerate(chunk):
-            results.append({
-                "prompt": prompts[start + i],
-                "tokens": len(ids),
-                "masks": [masks[i][p] for p in sorted(masks[i])],
-                "completed": tokenizer.decode(filled[i], skip_special_tokens=True),
-            })
+            prompt = prompts[start + i]
+            offsets = tokenizer.offsets(prompt)
+            records = [dict(masks[i][p], span=list(offsets[p])) for p in sorted(masks[i])]
+            results.append({"prompt": prompt, "tokens": len(ids), "masks": records,
+                            "completed": complete(prompt, records)})
     counters["prompt_tokens"] = sum(len(ids) for ids in encoded)
     if stats is not None:
         for k, v in counters.items():
             stats[k] = stats.get(k, 0) + v
     return results
+
+
+def complete(prompt: str, masks: list[dict]) -> str:
+    """The prompt exactly as written, with each mask's character span replaced by its
+    chosen token (a word piece's "##" dropped, so that it joins what it continues)."""
+    out, end = [], 0
+    for m in sorted(masks, key=lambda m: m["span"][0]):
+        start, stop = m["span"]
+        token = m["chosen"]["token"]
+        out += [prompt[end:start], token[2:] if token.startswith("##") else token]
+        end = stop
+    return "".join(out) + prompt[end:]
 
 
 def _rng(seed, index):
@@ -155,7 +169,7 @@ def _fill_batch(model, tokenizer, encoded, rngs, top_k, strategy, temperature, b
     mask_id = tokenizer.mask_token_id
     remaining = [[p for p, t in enumerate(e) if t == mask_id] for e in encoded]
     records = [dict() for _ in encoded]
-    step = 0
+    step = 1
     while any(remaining):
         rows = [r for r in range(len(encoded)) if remaining[r]]
         width = max(lengths[r] for r in rows)  # drop padding no active row needs
@@ -189,7 +203,7 @@ def _fill_batch(model, tokenizer, encoded, rngs, top_k, strategy, temperature, b
                 ids[r, pos] = chosen
                 records[r][pos] = {
                     "position": pos,
-                    "step": step,
+                    "step": step,  # 1-based, as in the text output
                     "candidates": _top_k(tokenizer, p_rows[j], k_rows[j], top_k),
                     "chosen": _entry(tokenizer, chosen, p_rows[j][chosen]),
                 }
@@ -291,7 +305,8 @@ def format_text(results) -> str:
     for res in results:
         out.append(f"prompt: {res['prompt']}")
         for n, m in enumerate(res["masks"], 1):
-            out.append(f"  mask {n} (token {m['position']}, filled at step {m['step'] + 1}):")
+            out.append(f"  mask {n} (token {m['position']}, characters {m['span'][0]}-{m['span'][1]}, "
+                       f"filled at step {m['step']}):")
             chosen = m["chosen"]["token_id"]
             width = max(len(c["token"]) for c in m["candidates"])
             for c in m["candidates"]:

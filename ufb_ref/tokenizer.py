@@ -82,6 +82,14 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """The character span (start, end) in ``text`` of each token that ``encode(text)``
+        returns ((0, 0) for the template's <sep>). Spans point into the text as the user
+        wrote it, whatever the normaliser changes; [MASK] and <mask> have the same length,
+        so replacing one by the other moves nothing."""
+        enc = self._tok.encode(_MASK_ALIASES.sub(self.mask_token, text))
+        return [(int(a), int(b)) for a, b in enc.offsets]
+
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(int(i))
 
