@@ -338,11 +338,36 @@ class Masker:
 # A WordPiece tokenizer like the released model's
 
 
+# Continuation characters (BERT's "##x") are trained as characters of their own, shifted
+# into a private-use plane, so that the plain BPE trainer, whose ids then all come from the
+# sorted alphabet, breaks its ties the same way in every run.
+_CONTINUATION = 0xF0000
+
+
+def _continued(word: str) -> str:
+    return word[0] + "".join(chr(_CONTINUATION + ord(c)) for c in word[1:])
+
+
+def _wordpiece_token(token: str) -> str:
+    """A trained token back in WordPiece spelling: shifted characters unshifted, "##" in
+    front of a token that starts inside a word."""
+    plain = "".join(chr(ord(c) - _CONTINUATION) if ord(c) >= _CONTINUATION else c for c in token)
+    return "##" + plain if ord(token[0]) >= _CONTINUATION else plain
+
+
 def train_wordpiece(lines: list[str], vocab_size: int, min_frequency: int = 2):
     """A ``tokenizers`` WordPiece tokenizer with the released model's normaliser
     (`` and '' to ", NFD, lower case, strip accents, squeeze spaces, drop non-ASCII),
     whitespace pre-tokeniser, special tokens (``<unk> <cls> <s> </s> <mask> <sep> <pad>``,
-    ids 0-6 in that order) and templates (``A <sep>``, ``<cls> A <sep> B <sep>``)."""
+    ids 0-6 in that order) and templates (``A <sep>``, ``<cls> A <sep> B <sep>``).
+
+    The vocabulary is learnt as ``tokenizers``' WordPiece trainer learns it (merges of the
+    most frequent pair of pieces, word-initial and continuation pieces kept apart), but
+    deterministically: the same lines give the same file in every run. (The library's
+    WordPiece trainer numbers the continuation characters in hash order, which changes
+    from run to run, and breaks ties between equally frequent pairs by those numbers.) Here
+    ties go to the pair of lower code points, and two pieces that spell the same string are
+    one token."""
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
 
@@ -350,23 +375,39 @@ def train_wordpiece(lines: list[str], vocab_size: int, min_frequency: int = 2):
     assert sorted(specials) == sorted(SPECIAL_TOKENS)
     if vocab_size <= len(specials):
         raise UFBError(f"vocab size must exceed the {len(specials)} special tokens, got {vocab_size}")
-    tok = HFTokenizer(models.WordPiece(unk_token="<unk>", continuing_subword_prefix="##",
-                                       max_input_chars_per_word=100))
-    tok.normalizer = normalizers.Sequence([
+    normalizer = normalizers.Sequence([
         normalizers.Replace("``", '"'), normalizers.Replace("''", '"'), normalizers.NFD(),
         normalizers.Lowercase(), normalizers.StripAccents(), normalizers.Replace(Regex(" {2,}"), " "),
         normalizers.Replace(Regex(r"[^\x00-\x7F]+"), ""),
     ])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=specials, continuing_subword_prefix="##",
-                                        show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    pre_tokenizer = pre_tokenizers.Whitespace()
+
+    # The words the tokenizer will see, counted; then a plain BPE over their characters.
+    counts: dict[str, int] = {}
+    for line in lines:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    words = {_continued(w): c for w, c in counts.items()}
+    alphabet = sorted({c for w in words for c in w})
+    bpe = HFTokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(((w + " ") * c for w, c in sorted(words.items())), trainer=trainer, length=len(words))
+    vocab: dict[str, int] = {}
+    for token, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token if token in specials else _wordpiece_token(token), len(vocab))
+
+    tok = HFTokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##",
+                                       max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tok.token_to_id("<cls>"), tok.token_to_id("<sep>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A <sep>", pair="<cls> $A <sep> $B <sep>",
         special_tokens=[("<cls>", cls_id), ("<sep>", sep_id)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens(specials)
     return tok
 
 

@@ -172,8 +172,8 @@ def main(argv=None) -> int:
     elif resume_from is not None:
         tok, tok_src = Tokenizer(out), None
     else:
-        # Training a tokenizer is not reproducible (ties in `tokenizers`' trainer): rank 0
-        # trains it and sends it to the others; it is saved in OUT, where --resume finds it.
+        # Rank 0 trains it (deterministically: data.train_wordpiece) and sends it to the
+        # others; it is saved in OUT, where --resume finds it.
         target = a.vocab_size or cfg["vocab_size"]
         logger.print(f"training a WordPiece tokenizer (vocabulary {target}) on {len(lines)} lines")
         hf = data.train_wordpiece(lines, target) if world.main else None
