@@ -24,6 +24,7 @@ from . import data
 from .entry import console
 from .evaluate import label_names, label_scores, predict, task_metrics
 from .model import FFF_MODES, load
+from .progress import Progress
 
 
 def read_inputs(a) -> list[data.Example]:
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
                        "(python -m ufb_mlx.finetune) or use python -m ufb_mlx.generate")
     examples = read_inputs(a)
     seqs, _ = data.TextEncoder(tok, args.max_seq_length)(examples)
-    logits = predict(model, seqs, tok.pad_token_id, a.batch_size)
+    with Progress(len(seqs), "classify", "text") as progress:  # stderr: a bar, or a line every 10 s
+        logits = predict(model, seqs, tok.pad_token_id, a.batch_size, on_batch=progress.update)
     regression = args.problem_type == "regression"
     results = [{"text": ex.text, "text_pair": ex.text_pair, **scores}
                for ex, scores in zip(examples, label_scores(model, logits, a.top_k))]

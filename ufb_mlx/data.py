@@ -294,15 +294,22 @@ def read_corpus(files: list[Path]) -> list[str]:
     return lines
 
 
-def pack(tokenizer: Tokenizer, lines: list[str], block: int, what: str = "corpus") -> np.ndarray:
+def pack(tokenizer: Tokenizer, lines: list[str], block: int, what: str = "corpus", on_lines=None) -> np.ndarray:
     """Tokenise each line with the model's single-text template (``A <sep>``), concatenate
-    everything and cut it into blocks of ``block`` tokens; the incomplete tail is dropped."""
+    everything and cut it into blocks of ``block`` tokens; the incomplete tail is dropped.
+    ``on_lines(n)`` is told of every ``n`` lines done (progress)."""
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_file(str(tokenizer.path))
     hf.no_padding()
     hf.no_truncation()
-    ids = np.fromiter((t for enc in hf.encode_batch(lines) for t in enc.ids), dtype=np.int32)
+    chunks = []
+    for i in range(0, len(lines), 20_000):
+        part = lines[i:i + 20_000]
+        chunks.append(np.fromiter((t for enc in hf.encode_batch(part) for t in enc.ids), dtype=np.int32))
+        if on_lines is not None:
+            on_lines(len(part))
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     n = len(ids) // block
     if n == 0:
         raise UFBError(f"{what} is too small: {len(ids)} tokens, less than one block of {block} (max_seq_length)")

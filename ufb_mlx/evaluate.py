@@ -17,9 +17,10 @@ from . import metrics
 from .model import Model, example_losses, masked_lm_logits
 
 
-def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
+def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, on_batch=None) -> np.ndarray:
     """Logits (N, num_labels) in float32, in the order of ``seqs``. Sequences are batched
-    by length, so that little padding is computed."""
+    by length, so that little padding is computed; ``on_batch(n)`` is told of every ``n``
+    sequences done (progress)."""
     model.eval()
     order = np.argsort([len(s) for s in seqs], kind="stable")
     out = np.zeros((len(seqs), model.args.num_labels), dtype=np.float32)
@@ -28,6 +29,8 @@ def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 
         batch = pad_batch([seqs[r] for r in rows], pad_id)
         logits = model(mx.array(batch["input_ids"]), mx.array(batch["attention_mask"])).astype(mx.float32)
         out[rows] = np.array(logits)
+        if on_batch is not None:
+            on_batch(len(rows))
     return out
 
 

@@ -174,6 +174,8 @@ def main(argv=None) -> int:
     if out.resolve() == base_folder.resolve():
         raise UFBError("--out must differ from --model (the model folder would be overwritten)")
     train.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
+    logger = train.Logger(out, world, a.quiet)
+    logger.print(f"loading {a.model}, reading and tokenising {a.train}" + (f" and {a.valid}" if a.valid else ""))
     base, tok = load(a.model, fff_mode=a.fff_mode)
     max_length = a.max_length or base.args.max_seq_length
     if max_length > base.args.max_seq_length:
@@ -212,7 +214,6 @@ def main(argv=None) -> int:
     schedule = train.make_schedule(a.schedule, a.lr, total, a.warmup)
     optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
     trainer = train.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
-    logger = train.Logger(out, world, a.quiet)
 
     # What determines the result: a resumed run must agree on all of it.
     run_cfg = train.fingerprint(a, ("train", "valid"), labels=labels, train_examples=n,

@@ -58,6 +58,7 @@ from ufb_ref.tokenizer import pad_batch
 
 from .entry import console
 from .model import DEMO, load
+from .progress import Progress
 
 STRATEGIES = ("iterative", "parallel")
 
@@ -93,7 +94,7 @@ def encode_prompts(tokenizer, prompts, labels=None) -> list[list[int]]:
 
 def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterative",
               temperature: float = 0.0, seed: int | None = None, batch_size: int = 16,
-              allow_special: bool = False, stats: dict | None = None) -> list[dict]:
+              allow_special: bool = False, stats: dict | None = None, on_batch=None) -> list[dict]:
     """Fill every mask of each prompt. Returns one dict per prompt (see the module
     docstring for the structure): ``{"prompt", "tokens", "masks", "completed"}``.
 
@@ -105,6 +106,7 @@ def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterat
     vocabulary (not renormalised). Prompts are run ``batch_size``
     at a time (right-padded; padded keys are masked out of attention). When ``stats`` is a
     dict, the counters prompt_tokens, encoded_tokens and forward_passes are added to it.
+    ``on_batch(n)`` is told of every ``n`` prompts done (progress).
     """
     if strategy not in STRATEGIES:
         raise UFBError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -137,6 +139,8 @@ def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterat
             records = [dict(masks[i][p], span=list(offsets[p])) for p in sorted(masks[i])]
             results.append({"prompt": prompt, "tokens": len(ids), "masks": records,
                             "completed": complete(prompt, records)})
+        if on_batch is not None:
+            on_batch(len(chunk))
     counters["prompt_tokens"] = sum(len(ids) for ids in encoded)
     if stats is not None:
         for k, v in counters.items():
@@ -326,9 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     encode_prompts(tokenizer, prompts, labels)  # every bad prompt fails before any work
     stats: dict = {}
     t0 = time.perf_counter()
-    results = fill_mask(model, tokenizer, prompts, top_k=args.top_k, strategy=args.strategy,
-                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                        allow_special=args.allow_special, stats=stats)
+    with Progress(len(prompts), "fill-mask", "prompt") as progress:  # stderr: a bar, or a line every 10 s
+        results = fill_mask(model, tokenizer, prompts, top_k=args.top_k, strategy=args.strategy,
+                            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                            allow_special=args.allow_special, stats=stats, on_batch=progress.update)
     seconds = time.perf_counter() - t0
     stats.update(seconds=seconds, tokens_per_s=stats["encoded_tokens"] / max(seconds, 1e-9),
                  peak_memory_mb=peak_memory_mb())

@@ -27,6 +27,7 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -41,6 +42,7 @@ from ufb_ref.tokenizer import Tokenizer
 from . import data, train
 from .entry import console
 from .evaluate import evaluate_mlm
+from .progress import Progress
 from .model import FFF_MODES, Model, load, model_location, mlm_loss, save_model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
     # Corpus and model source first: bad inputs fail before the output folder is touched.
     files = data.corpus_files(a.corpus)
     lines = data.read_corpus(files)
+    if world.main and not a.quiet:
+        print(f"read {len(lines)} lines from {len(files)} corpus file(s)", flush=True)
     valid_lines = data.read_corpus(data.corpus_files(a.valid)) if a.valid else None
     base = base_tok = None
     if a.model:
@@ -176,7 +180,9 @@ def main(argv=None) -> int:
         # others; it is saved in OUT, where --resume finds it.
         target = a.vocab_size or cfg["vocab_size"]
         logger.print(f"training a WordPiece tokenizer (vocabulary {target}) on {len(lines)} lines")
+        t0 = time.perf_counter()
         hf = data.train_wordpiece(lines, target) if world.main else None
+        logger.print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
         text = world.broadcast_text(hf.to_str() if world.main else None)
         tmp_dir = tempfile.mkdtemp(prefix="ufb-tokenizer-")  # read again while packing
         atexit.register(shutil.rmtree, tmp_dir, True)
@@ -194,10 +200,12 @@ def main(argv=None) -> int:
     args = ModelArgs.from_dict(cfg)
 
     # Data: packed blocks, a held-out split, fixed held-out masks.
-    blocks = data.pack(tok, lines, seq)
-    if valid_lines is not None:
-        valid = data.pack(tok, valid_lines, seq, what="held-out corpus")
-    else:
+    with Progress(len(lines) + len(valid_lines or []), "tokenising", "line", file=sys.stdout,
+                  enabled=world.main and not a.quiet) as progress:
+        blocks = data.pack(tok, lines, seq, on_lines=progress.update)
+        if valid_lines is not None:
+            valid = data.pack(tok, valid_lines, seq, what="held-out corpus", on_lines=progress.update)
+    if valid_lines is None:
         if len(blocks) < 2:
             raise UFBError(f"corpus too small for a held-out split: {len(blocks)} block of {seq} tokens "
                            "(add text, lower --seq-length or give --valid)")

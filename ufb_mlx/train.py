@@ -24,12 +24,14 @@ are kept.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +43,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
 from ufb_ref.errors import UFBError
+
+from .entry import Interrupted
+from .progress import Progress
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -239,20 +244,36 @@ def clean_tree(tree):
 
 
 class Logger:
-    """Rank 0 prints progress lines and appends one JSON record per event to OUT/log.jsonl."""
+    """Rank 0 prints progress to stdout (a bar with rate and time left on a terminal, plain
+    lines otherwise; nothing with ``quiet``) and appends one JSON record per event, with
+    its UTC time and the seconds since the run started, to OUT/log.jsonl."""
 
     def __init__(self, out: Path, world: World, quiet: bool = False):
         self.path = Path(out) / LOG_FILE
         self.world, self.quiet = world, quiet
+        self.progress: Progress | None = None
+        self._t0 = time.monotonic()
 
     def print(self, msg: str) -> None:
         if self.world.main and not self.quiet:
-            print(msg, flush=True)
+            if self.progress is not None:
+                self.progress.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def start_progress(self, total: int, done: int, unit: str = "step") -> Progress:
+        """The bar (on a terminal) of the work from ``done`` to ``total``; plain lines are
+        the caller's (``Progress.meter`` gives their time figures)."""
+        self.progress = Progress(total, "training", unit, file=sys.stdout, initial=done,
+                                 enabled=self.world.main and not self.quiet, interval=None)
+        return self.progress
 
     def record(self, event: str, **values) -> None:
         if self.world.main:
+            stamp = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+                     "elapsed_s": round(time.monotonic() - self._t0, 3)}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, **clean_tree(values)}) + "\n")
+                f.write(json.dumps({"event": event, **clean_tree(values), **stamp}) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget what the killed run logged after its last checkpoint."""
@@ -276,25 +297,49 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
                after_step, log_every: int, describe=lambda step: "") -> None:
     """Steps start_step+1 .. total_steps. ``get_batch(step)`` -> (batch, scale, global
     tokens); ``after_step(step)`` evaluates / checkpoints. Logs every ``log_every`` steps:
-    step, mean loss over the interval (all processes), learning rate, tokens/s, peak memory."""
+    step, mean loss over the interval (all processes), learning rate, tokens/s, peak memory;
+    on a terminal the bar shows them instead of a line. Ctrl-C ends with a message that
+    says how to continue (``Interrupted``)."""
     world = trainer.world
+    progress = logger.start_progress(total_steps, start_step)
     loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-        batch, scale, n_tokens = get_batch(step)
-        loss_sum += trainer.step(step, batch, scale)
-        tokens += n_tokens
-        steps += 1
-        if step % log_every == 0 or step == total_steps:
-            loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
-            dt = time.perf_counter() - t0
-            lr = float(trainer.optimizer.learning_rate.item())
-            rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
-                       peak_memory_gb=peak_memory_gb())
-            logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
-                         f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB")
-            logger.record("train", **rec)
-            loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
-        after_step(step)
+    step = start_step
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch, scale, n_tokens = get_batch(step)
+            loss_sum += trainer.step(step, batch, scale)
+            tokens += n_tokens
+            steps += 1
+            progress.update(1)
+            if step % log_every == 0 or step == total_steps:
+                loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
+                dt = time.perf_counter() - t0
+                lr = float(trainer.optimizer.learning_rate.item())
+                rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
+                           peak_memory_gb=peak_memory_gb())
+                progress.update(0, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if not progress.tty:
+                    logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
+                                 f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB | "
+                                 f"{progress.meter()}")
+                logger.record("train", **rec)
+                loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
+            after_step(step)
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(logger.path.parent, step)) from None
+    finally:
+        progress.close()
+        logger.progress = None
+
+
+def resume_hint(out: Path, step: int) -> str:
+    """What to do after an interrupted run."""
+    ckpts = list_checkpoints(out)
+    if not ckpts:
+        return (f"at step {step}, before the first checkpoint; run the same command with --force to start "
+                "again (or checkpoint sooner with --save-every)")
+    return (f"at step {step}; the last checkpoint is step {ckpts[-1][0]}: run the same command with --resume "
+            "to continue from it")
 
 
 # ---------------------------------------------------------------------------------------
