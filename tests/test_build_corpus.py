@@ -16,6 +16,7 @@ import pytest
 
 import corpus_fixtures as fx
 from ufb_corpus import fetch, pipeline
+from ufb_corpus.atomic import replace_folder
 from ufb_corpus.build import main
 from ufb_corpus.dictd import read_dictd_package
 from ufb_corpus.fetch import FetchError, Fetched, extract_tar_stream, fetch_deb, fetch_npm
@@ -94,6 +95,22 @@ def test_fetch_reports_a_missing_tool_and_a_failed_download(tmp_path, monkeypatc
     with pytest.raises(FetchError, match="apt-get download nosuch failed: E: Unable to locate package"):
         fetch_deb("nosuch", tmp_path, refresh=False)
     assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
+
+
+def test_replace_folder_is_all_or_nothing(tmp_path):
+    dest = tmp_path / "pkg"
+    replace_folder(dest, lambda tmp: (tmp / "a.txt").write_text("old"))
+
+    def half(tmp):
+        (tmp / "a.txt").write_text("new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_folder(dest, half)
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left
+    assert (dest / "a.txt").read_text() == "old"
+    replace_folder(dest, lambda tmp: (tmp / "b.txt").write_text("new"))
+    assert [p.name for p in dest.iterdir()] == ["b.txt"]
 
 
 # --------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import fnmatch
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .atomic import replace_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -83,23 +84,17 @@ def extract_tar_stream(stream, dest: Path, patterns: Sequence[str] = ()) -> int:
 
 
 def _extract_once(dest: Path, do_extract: Callable[[Path], int]) -> Path:
-    """Unpack into a temporary sibling and rename it into place: a package cut off half
-    unpacked is never taken for a complete one by the next run."""
-    marker = dest / ".complete"
-    if marker.exists():
+    """Unpack once: the folder gets its ``.complete`` marker only when everything is in it."""
+    if (dest / ".complete").exists():
         return dest
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def fill(tmp: Path) -> None:
         count = do_extract(tmp)
         if count == 0:
             raise FetchError(f"nothing extracted into {dest}")
         (tmp / ".complete").write_text(str(count))
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    replace_folder(dest, fill)
     return dest
 
 

@@ -7,14 +7,13 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 from .allocate import compute_caps, counts, is_heldout, merge_counts, select_docs, text_mb
+from .atomic import AtomicOutputs
 from .fetch import Fetched
 from .notices import render_data_sources
 from .sources import Source, default_sources, fetch_source
@@ -65,47 +64,6 @@ def _parse_worker(args):
     name, root, min_words, max_words = args
     src = {s.name: s for s in default_sources()}[name]
     return parse_source(src, Path(root), min_words, max_words)
-
-
-class AtomicOutputs:
-    """Write files as temporaries in the output directory; rename all on commit.
-
-    If anything fails before :meth:`commit`, the temporaries are removed and
-    existing outputs are left untouched.
-    """
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = out_dir
-        self.pending: list[tuple[Path, Path]] = []
-
-    def __enter__(self):
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        return self
-
-    def open(self, name: str):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
-        self.pending.append((Path(tmp), self.out_dir / name))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        return os.fdopen(fd, "w", encoding="utf-8", newline="\n")
-
-    def commit(self) -> None:
-        for tmp, _ in self.pending:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        for tmp, final in self.pending:
-            os.replace(tmp, final)
-        self.pending = []
-
-    def __exit__(self, exc_type, exc, tb):
-        for tmp, _ in self.pending:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-        self.pending = []
-        return False
 
 
 def fetch_all(registry: Sequence[Source], work: Path,
