@@ -37,8 +37,9 @@ GRAD_RTOL = 1e-5
 # matmul), so both halves of the conditional implementation meet the golden data;
 # "conditional-metal" runs the Metal kernels of metal/ (forward and backward) through
 # the off-Mac emulator, as a Mac would run them; "conditional-cpu" the fused C++ primitive
-# of csrc/ (ufb_mlx._ext, forward and its vjp).
-MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense"]
+# of csrc/ (ufb_mlx._ext, forward and its vjp), with the extension's fused attention;
+# "dense-cpu" the masked-dense FFF with the extension's GELU and attention.
+MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense", "dense-cpu"]
 
 
 def load_mlx(path, mode, monkeypatch):
@@ -51,9 +52,9 @@ def load_mlx(path, mode, monkeypatch):
         monkeypatch.setattr(kernels, "available", lambda: True)
         monkeypatch.setattr(kernels, "launch", emulated_launch)
         backend = "metal"
-    if mode == "conditional-cpu":
+    if mode.endswith("-cpu"):
         backend = "cpu"
-    return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional", backend=backend)
+    return ufb_mlx.load(path, fff_mode="dense" if mode.startswith("dense") else "conditional", backend=backend)
 
 
 @pytest.mark.parametrize("folder", [MLM, CLS], ids=["mlm", "cls"])
