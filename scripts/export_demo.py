@@ -94,7 +94,9 @@ def main(argv=None):
             for summary, run in ((fff, a.run), (twin, a.twin)):
                 m, i, l = heldout_set(run, a.heldout, a.seed, a.mask_rate)
                 summary["heldout_float32"] = evaluate_mlm(m, i, l, 64)
-        card = model_card(cfg, fff, twin, full, sample, stats, a)
+        card = keep_measured_sections(model_card(cfg, fff, twin, full, sample, stats, a), a.out / "README.md")
+        if (a.out / "finetune_grid.json").is_file():
+            shutil.copyfile(a.out / "finetune_grid.json", tmp / "finetune_grid.json")
         (tmp / "README.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps({"heldout": full, "heldout_sample": sample,
                                                       "sample_blocks": SAMPLE_BLOCKS,
@@ -107,6 +109,17 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {a.out}")
     print(json.dumps({"heldout": full, "heldout_sample": sample}, indent=2))
+
+
+def keep_measured_sections(card: str, old_card: Path) -> str:
+    """The fine-tuning table that scripts/finetune_grid.py wrote into the current card
+    (between its markers) stays in the new one, before the licence."""
+    start, end = "<!-- finetune-grid -->", "<!-- /finetune-grid -->"
+    if not old_card.is_file() or start not in old_card.read_text():
+        return card
+    section = start + old_card.read_text().split(start, 1)[1].split(end, 1)[0] + end
+    head, licence = card.split("## Licence", 1)
+    return head + section + "\n\n## Licence" + licence
 
 
 def model_card(cfg, fff, twin, full, sample, stats, a) -> str:

@@ -15,6 +15,7 @@ import ufb_mlx
 from conftest import CLS, MLM
 from train_utils import (count_task, keyword_task, load_weights, read_log, run_killed_after, run_module,
                          write_csv, write_jsonl)
+from ufb_mlx import finetune
 from ufb_mlx.entry import errors_to_exit
 
 
@@ -219,9 +220,11 @@ def test_max_steps_and_random_init(keyword_data, tmp_path):
     log = read_log(out)
     recs = [r for r in log if r["event"] == "train"]
     assert [r["step"] for r in recs] == list(range(1, 8))
-    # cosine over 7 steps, no warm-up: the lr of step s is lr/2 (1 + cos(pi (s - 1) / 7))
+    # cosine over 7 steps, no warm-up: the lr of step s is lr/2 (1 + cos(pi (s - 1) / 7)), lr
+    # the "small" recipe's (the tiny model is narrower than the released one)
+    lr = finetune.RECIPES["small"]["lr"]
     for r in recs:
-        assert r["lr"] == pytest.approx(4e-5 * 0.5 * (1 + np.cos(np.pi * (r["step"] - 1) / 7)), rel=1e-5)
+        assert r["lr"] == pytest.approx(lr * 0.5 * (1 + np.cos(np.pi * (r["step"] - 1) / 7)), rel=1e-5)
     assert [r["step"] for r in log if r["event"] == "eval"] == [7]
     assert json.loads((out / "train_results.json").read_text())["step"] == 7
 
@@ -232,9 +235,32 @@ def test_max_steps_and_random_init(keyword_data, tmp_path):
     theirs = dict(tree_flatten(golden.parameters()))
     for k, v in theirs.items():
         assert mine[k].shape == v.shape, k
-    # Fresh N(0, 0.02^2) weights, moved by at most 7 steps of 4e-5 (~3e-4): uncorrelated with
+    # Fresh N(0, 0.02^2) weights, moved by at most 7 steps of 1.5e-4 (~1e-3): uncorrelated with
     # the checkpoint's (|r| of 57k independent pairs is ~0.004; a run from the checkpoint
     # keeps r above 0.99).
     for k in ("encoder.embedding.word_embedding.weight", "encoder.layers.0.ffn.linear_in.weight"):
         a, b = np.array(mine[k]).ravel(), np.array(theirs[k]).ravel()
         assert abs(a.std() - 0.02) < 0.002 and abs(np.corrcoef(a, b)[0, 1]) < 0.05, k
+
+
+def test_recipes(capsys, tmp_path):
+    """--recipe auto takes the paper's recipe at the released width and the measured small
+    one below; explicit --lr/--epochs win; bad values are refused."""
+    from ufb_ref.config import ModelArgs
+
+    wide = ModelArgs(hidden_size=768, num_layers=1, num_heads=12, vocab_size=30, max_seq_length=8)
+    narrow = ModelArgs(hidden_size=256, num_layers=1, num_heads=4, vocab_size=30, max_seq_length=8)
+    assert finetune.recipe_for("auto", wide) == "paper" and finetune.recipe_for("auto", narrow) == "small"
+    assert finetune.recipe_for("paper", narrow) == "paper"
+    train = write_jsonl(tmp_path / "t.jsonl", keyword_task(16, 0))
+    run_module("ufb_mlx.finetune", "--model", MLM, "--train", train, "--out", tmp_path / "o", "--recipe", "paper",
+               "--max-steps", "1")
+    start = next(r for r in read_log(tmp_path / "o") if r["event"] == "start")
+    assert (start["lr"], start["epochs"], start["recipe"]) == (4e-5, 5, "paper")
+    run_module("ufb_mlx.finetune", "--model", MLM, "--train", train, "--out", tmp_path / "p", "--lr", "1e-3",
+               "--max-steps", "1")
+    start = next(r for r in read_log(tmp_path / "p") if r["event"] == "start")
+    assert (start["lr"], start["epochs"]) == (1e-3, finetune.RECIPES["small"]["epochs"])
+    for bad, needle in ((["--epochs", "0"], "--epochs must be at least 1"), (["--max-steps", "0"], "--max-steps"),
+                        (["--lr", "-1"], "--lr must be positive")):
+        _fails(capsys, ["--model", MLM, "--train", train, "--out", tmp_path / "q", *bad], needle)

@@ -5,11 +5,15 @@
 
 Data: JSONL (one object a line), CSV or TSV (header row) with a ``text`` column, an
 optional ``text_pair`` column and a ``label`` column (strings or numbers; for regression,
-numbers). Defaults are the paper's fine-tuning recipe: AdamW lr 4e-5, betas (0.9, 0.98),
-eps 1e-6, weight decay 0.01, batch 16, 5 epochs, cosine schedule with 10 % warm-up,
-dropout 0.1. The model is evaluated on --valid after every epoch (accuracy, F1, Matthews
-correlation; Pearson, Spearman, MSE for regression) and the best one is saved as a model
-folder in OUT, which ``ufb_mlx.load`` and ``python -m ufb_mlx.classify --model OUT`` read.
+numbers). Defaults: the paper's fine-tuning recipe (AdamW betas (0.9, 0.98), eps 1e-6,
+weight decay 0.01, batch 16, cosine schedule with 10 % warm-up, dropout 0.1), with the
+learning rate and epochs of --recipe: "paper" (lr 4e-5, 5 epochs) for models of the
+released width, "small" (lr 1.5e-4, 3 epochs, measured on the demo model; see its model
+card) for smaller ones. --max-steps trains an exact number of steps; --init random starts
+the same architecture from fresh weights (a baseline). The model is evaluated on --valid
+after every epoch (accuracy, F1, Matthews correlation; Pearson, Spearman, MSE for
+regression) and the best one is saved as a model folder in OUT, which ``ufb_mlx.load`` and
+``python -m ufb_mlx.classify --model OUT`` read.
 Checkpoints go to OUT/checkpoints (every --save-every steps and at each epoch's end);
 the same command with --resume continues a killed run and ends with the same weights.
 Under ``mlx.launch -n N`` the processes train data-parallel (--batch-size is per process).
@@ -41,9 +45,19 @@ TASKS = ("classification", "regression")
 # The defaults of --lr and --epochs. Everything else (AdamW betas 0.9/0.98, eps 1e-6, weight
 # decay 0.01, batch 16, cosine schedule with 10 % warm-up, dropout 0.1) is the paper's in both.
 RECIPES = {
-    "paper": {"lr": 4e-5, "epochs": 5, "about": "the paper's GLUE recipe for the 16-layer model"},
+    "paper": {"lr": 4e-5, "epochs": 5, "about": "the paper's GLUE recipe for the released width-768 model"},
+    "small": {"lr": 1.5e-4, "epochs": 3,
+              "about": "the best measured on the width-256 demo model (its model card has the grid)"},
 }
-DEFAULT_RECIPE = "paper"
+RELEASED_WIDTH = 768
+
+
+def recipe_for(name: str, args: ModelArgs) -> str:
+    """"auto": the paper's recipe for models as wide as the released one, "small" below
+    (where it was measured); otherwise the name given."""
+    if name != "auto":
+        return name
+    return "paper" if args.hidden_size >= RELEASED_WIDTH else "small"
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--label-column", default="label")
     d.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's max_seq_length)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+    o.add_argument("--recipe", choices=("auto", *RECIPES), default="auto",
                    help="the defaults of --lr and --epochs: " + "; ".join(
                        f"{k}: {v['about']} (lr {v['lr']:g}, {v['epochs']} epochs)" for k, v in RECIPES.items())
-                   + f" (default {DEFAULT_RECIPE})")
+                   + f"; auto (default): paper for models of hidden size {RELEASED_WIDTH} or more, else small")
     o.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     o.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98))
     o.add_argument("--eps", type=float, default=1e-6)
@@ -134,17 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a) -> None:
-    recipe = RECIPES[a.recipe]
-    a.lr = recipe["lr"] if a.lr is None else a.lr
-    a.epochs = recipe["epochs"] if a.epochs is None else a.epochs
-    positive = {"--batch-size": a.batch_size, "--epochs": a.epochs, "--eval-batch-size": a.eval_batch_size,
-                "--log-every": a.log_every, "--keep": a.keep, "--max-steps": a.max_steps or 1}
+    positive = {"--batch-size": a.batch_size, "--eval-batch-size": a.eval_batch_size, "--log-every": a.log_every,
+                "--keep": a.keep, **{k: v for k, v in (("--epochs", a.epochs), ("--max-steps", a.max_steps))
+                                     if v is not None}}
     for name, v in positive.items():
         if v < 1:
             raise UFBError(f"{name} must be at least 1, got {v}")
     if a.save_every < 0:
         raise UFBError(f"--save-every must be >= 0, got {a.save_every}")
-    if not (a.lr > 0 and math.isfinite(a.lr)):
+    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
         raise UFBError(f"--lr must be positive, got {a.lr}")
     if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0:
         raise UFBError("--betas must be in [0, 1), --eps positive and --weight-decay >= 0")
@@ -177,6 +189,9 @@ def main(argv=None) -> int:
     logger = train.Logger(out, world, a.quiet)
     logger.print(f"loading {a.model}, reading and tokenising {a.train}" + (f" and {a.valid}" if a.valid else ""))
     base, tok = load(a.model, fff_mode=a.fff_mode)
+    recipe = RECIPES[recipe_for(a.recipe, base.args)]
+    a.lr = recipe["lr"] if a.lr is None else a.lr
+    a.epochs = recipe["epochs"] if a.epochs is None else a.epochs
     max_length = a.max_length or base.args.max_seq_length
     if max_length > base.args.max_seq_length:
         raise UFBError(f"--max-length {max_length} exceeds the model's max_seq_length {base.args.max_seq_length}")
@@ -210,7 +225,7 @@ def main(argv=None) -> int:
     n = len(x_train)
     global_batch = a.batch_size * world.size
     steps_per_epoch = math.ceil(n / global_batch)
-    total = a.max_steps or steps_per_epoch * a.epochs
+    total = steps_per_epoch * a.epochs if a.max_steps is None else a.max_steps
     schedule = train.make_schedule(a.schedule, a.lr, total, a.warmup)
     optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
     trainer = train.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
@@ -228,6 +243,7 @@ def main(argv=None) -> int:
         logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
                      + (f", {len(x_valid)} validation" if valid_ex else "")
                      + (f", labels {labels}" if labels else "")
+                     + f"; lr {a.lr:g}"
                      + (f"; {total} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch})" if a.max_steps
                         else f"; {a.epochs} epochs x {steps_per_epoch} steps") + f", batch {a.batch_size}"
                      + (f" x {world.size} processes" if world.size > 1 else "")
