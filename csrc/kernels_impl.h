@@ -626,25 +626,38 @@ static void pack_rows(const float* base, int64_t ld, int64_t col, int64_t S, int
 // Row r of the 4-row strip: scores + mask (padding columns -inf), then either the
 // softmax (returning its log-sum-exp) or, given the lse, the probabilities again.
 static float softmax_strip_row(float* s, int64_t S, int64_t Sp, const float* mask, const float* lse_in) {
-  for (int64_t j = 0; j < S; ++j) s[j] += mask ? mask[j] : 0.0f;
   for (int64_t j = S; j < Sp; ++j) s[j] = -INFINITY;
+  int64_t j = 0;
+  if (mask) {
+    for (; j + VW <= S; j += VW) {
+      vf v = Elem<DType::f32>::load(s + j) + Elem<DType::f32>::load(mask + j);
+      memcpy(s + j, &v, VB);
+    }
+    for (; j < S; ++j) s[j] += mask[j];
+  }
   float m;
   if (lse_in) {
     m = *lse_in;
   } else {
-    m = -INFINITY;
-    for (int64_t j = 0; j < S; ++j) m = s[j] > m ? s[j] : m;
+    vf mv = splat(-INFINITY);
+    for (j = 0; j < Sp; j += VW) {
+      const vf v = Elem<DType::f32>::load(s + j);
+      mv = vselect(v > mv, v, mv);
+    }
+    m = mv[0];
+    for (int i = 1; i < VW; ++i) m = mv[i] > m ? mv[i] : m;
   }
   vf sum = splat(0.0f);
-  for (int64_t j = 0; j < Sp; j += VW) {
-    vf e = vexp(Elem<DType::f32>::load(s + j) - splat(m));
+  const vf mm = splat(m);
+  for (j = 0; j < Sp; j += VW) {
+    vf e = vexp(Elem<DType::f32>::load(s + j) - mm);
     sum += e;
     memcpy(s + j, &e, VB);
   }
   if (lse_in) return *lse_in;
   const float total = hsum(sum);
   const vf inv = splat(1.0f / total);
-  for (int64_t j = 0; j < Sp; j += VW) {
+  for (j = 0; j < Sp; j += VW) {
     vf e = Elem<DType::f32>::load(s + j) * inv;
     memcpy(s + j, &e, VB);
   }
