@@ -4,10 +4,10 @@ the same gradient, for random trees, widths, shapes and dtypes.
 Implementations: NumPy masked-dense and descent (float64: the ground truth), MLX
 masked-dense, MLX conditional (with the top-level matmul split at random depths, so both
 the matmul part and the gather/scatter part are exercised), and the Metal path of
-``fff_conditional`` (the custom_function over the kernels in metal/, forward and VJP) with
-``kernels.launch`` routed to the off-Mac emulator (tests/metal_emu). The kernels take H,
-P and D as template constants, so each new shape is a g++ build: the Metal draws pick
-their (P, D, H) from a fixed set and randomise everything else.
+``fff_conditional`` (the custom_function over the kernels in metal/, forward and VJP): on
+the GPU on a Mac, else through the emulator (``ufb_mlx.metal_emu.metal_kernels`` decides).
+The kernels take H, P and D as template constants, so each new shape is a compiler run:
+the Metal draws pick their (P, D, H) from a fixed set and randomise everything else.
 
 Routing near z = 0: two correct implementations may route a token differently when a
 logit it decides on is within rounding of 0. Every comparison excuses exactly the tokens
@@ -22,17 +22,14 @@ default); UFB_HYPOTHESIS_PROFILE=long runs many more.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metal_emu import emulated_launch
 from ufb_mlx import fff as mlx_fff
-from ufb_mlx import kernels
+from ufb_mlx.metal_emu import metal_kernels
 from ufb_ref import fff as ref_fff
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
@@ -197,15 +194,6 @@ def test_exact_zero_logit_goes_left_in_every_implementation():
                                ref_fff.fff_descent(x, w_in, b_in, w_out, 1, 2), atol=1e-6)
 
 
-@contextmanager
-def emulated_metal():
-    """fff_conditional takes its Metal path, with every kernel launch run by the emulator."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "available", lambda: True)
-        mp.setattr(kernels, "launch", emulated_launch)
-        yield
-
-
 @settings(max_examples=12)
 @given(fff_problem(shapes=METAL_SHAPES))
 def test_metal_path_agrees_with_reference(problem):
@@ -217,7 +205,7 @@ def test_metal_path_agrees_with_reference(problem):
     scale = 1 + np.abs(truth).max()
     keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
     args = [as_mx(a, dtype) for a in (x, w_in, b_in, w_out)]
-    with emulated_metal():
+    with metal_kernels():
         y = mlx_fff.fff_conditional(*args, trees, depth, backend="metal")
         assert y.dtype == MX_DTYPES[dtype] and y.shape == x.shape
         assert_close_on(np.array(y.astype(mx.float32)), truth, keep, scale * (1e-5 + 2 * UNIT[dtype]), "metal")
