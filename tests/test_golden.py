@@ -38,8 +38,9 @@ GRAD_RTOL = 1e-5
 # "conditional-gather" forces every level through the gather/scatter path (no top-level
 # matmul), so both halves of the conditional implementation meet the golden data;
 # "conditional-metal" runs the Metal kernels of metal/ (forward and backward): on the GPU
-# on a Mac, else through the emulator (ufb_mlx.metal_emu.metal_kernels decides).
-MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "dense"]
+# on a Mac, else through the emulator (ufb_mlx.metal_emu.metal_kernels decides);
+# "conditional-cpu" the fused C++ primitive of csrc/ (ufb_mlx._ext, forward and its vjp).
+MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense"]
 
 
 @pytest.fixture
@@ -54,6 +55,8 @@ def load_mlx(monkeypatch):
             if mode == "conditional-metal":
                 stack.enter_context(metal_kernels())
                 backend = "metal"
+            if mode == "conditional-cpu":
+                backend = "cpu"
             return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional", backend=backend)
 
         yield load
