@@ -124,10 +124,11 @@ def _read(filename: str) -> str:
     return path.read_text()
 
 
-def missing_sources() -> list[str]:
+@functools.cache
+def missing_sources() -> tuple[str, ...]:
     """The kernel source files not found next to this module (empty when complete)."""
     names = {s.file for s in KERNELS} | {s.header_file for s in KERNELS if s.header_file}
-    return sorted(n for n in names if not (METAL_DIR / n).is_file())
+    return tuple(sorted(n for n in names if not (METAL_DIR / n).is_file()))
 
 
 def _per_token_launch(tokens: int, hidden: int, template: list, outputs: list) -> Launch:
