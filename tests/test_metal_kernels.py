@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from ufb_mlx import kernels as K
+from ufb_mlx.metal_emu import harness
 from ufb_mlx.metal_emu import (HarnessError, Kernel, compiled_text, emulated_launch, metal_kernels,
                                metal_runner, run_kernel, unavailable_reason)
 from ufb_ref import fff as ref
@@ -393,6 +394,21 @@ def test_harness_compiles_exactly_what_mlx_generates(spec, dtype, capfd, tmp_pat
     assert ours.text == m.group(1)
     s0, s1 = ours.source_span
     assert ours.text[s0:s1] == (K.METAL_DIR / spec.file).read_text()
+
+
+@pytest.mark.parametrize("spec", K.KERNELS, ids=lambda s: s.name)
+def test_translation_unit_suits_clang(spec):
+    """clang, Apple's included, rejects attribute lists in an explicit instantiation, which
+    MLX's text ends with (`template [[host_name(..)]] [[kernel]] ...;`): the harness drops
+    them there and compiles the rest verbatim (checked with clang 16 and libc++)."""
+    inputs, config = _spec_inputs(spec, mx.float32)
+    gen = compiled_text(spec, inputs, config.template, config.output_dtypes)
+    tail = gen.text[gen.source_span[1]:]
+    assert "[[host_name(" in tail
+    unit = harness._translation_unit(gen, spec)
+    body_end = unit.index(spec.source) + len(spec.source)
+    assert "[[" not in unit[body_end:]
+    assert re.sub(r"\[\[[^\]]*\]\]\s*", "", tail) in unit[body_end:]
 
 
 def test_kernel_objects_get_the_metal_files_verbatim(monkeypatch):
