@@ -27,7 +27,7 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 CLIS = ["ufb_mlx.generate", "ufb_mlx.finetune", "ufb_mlx.classify", "ufb_mlx.pretrain", "ufb_mlx.benchmark",
-        "ufb_mlx.check", "convert"]
+        "ufb_mlx.check", "ufb_corpus.build", "convert"]
 # What a clone has besides tests/ (which the wheel does not carry) and local artefacts.
 NOT_SOURCE = shutil.ignore_patterns(".git", "tests", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                     ".hypothesis", "*.so", ".venv", "venv", "data", "runs", "mlx_model*")

@@ -20,8 +20,10 @@ registers (two such arrays per lane: 64 floats), and as many tokens per threadgr
 keep it at THREADGROUP_MAX threads. MLX 0.32 does not expose a pipeline's
 maxTotalThreadsPerThreadgroup to Python (it checks the launch against it during
 evaluation and raises "Thread group size (...) is greater than the maximum allowed
-threads per threadgroup (...)"); limits reported for register-heavy MLX kernels on Apple
-GPUs are 384 and above, so 256 threads with 64-float register arrays stay below them.
+threads per threadgroup (...)"). The lowest such limits MLX users report for register-heavy
+kernels on Apple GPUs are 384 to 448 threads; 256 threads with at most 64 floats of register
+arrays per thread are chosen to stay below that (not yet run on a Mac: there,
+``python -m ufb_mlx.check`` would show that error).
 
 `launch` is the only function that touches Metal; off a Mac it raises RuntimeError unless
 a launcher is installed (``use_launcher``: ufb_mlx.metal_emu runs the same kernel text on
