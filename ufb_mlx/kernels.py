@@ -162,33 +162,27 @@ def _configure_backward_tokens(inputs, trees: int, depth: int) -> Launch:
         [((tokens, hidden), mx.float32), (visits, mx.float32), (visits, mx.float32)])
 
 
-def _rows_width(hidden: int) -> int:
-    return min(ROWS_THREADGROUP_MAX, SIMD_WIDTH * -(-hidden // SIMD_WIDTH))
+def _rows_launch(hidden: int, template: list, groups: int) -> Launch:
+    """One threadgroup per row (or chunk), its threads splitting H; float32 outputs
+    (groups, H), (groups,), (groups, H)."""
+    width = min(ROWS_THREADGROUP_MAX, SIMD_WIDTH * -(-hidden // SIMD_WIDTH))
+    return Launch(
+        template=template,
+        grid=(width, groups, 1),
+        threadgroup=(width, 1, 1),
+        output_shapes=[(groups, hidden), (groups,), (groups, hidden)],
+        output_dtypes=[mx.float32, mx.float32, mx.float32],
+    )
 
 
 def _configure_backward_rows(inputs, trees: int, depth: int, chunks: int) -> Launch:
     hidden = inputs[0].shape[1]
-    width = _rows_width(hidden)
-    return Launch(
-        template=[("H", hidden), ("P", trees), ("D", depth), ("C", ROW_CHUNK)],
-        grid=(width, chunks, 1),
-        threadgroup=(width, 1, 1),
-        output_shapes=[(chunks, hidden), (chunks,), (chunks, hidden)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
+    return _rows_launch(hidden, [("H", hidden), ("P", trees), ("D", depth), ("C", ROW_CHUNK)], chunks)
 
 
 def _configure_backward_rows_reduce(inputs, trees: int, depth: int) -> Launch:
-    hidden = inputs[0].shape[1]
-    n_rows = inputs[3].shape[0] - 1
-    width = _rows_width(hidden)
-    return Launch(
-        template=[("H", hidden), ("P", trees), ("D", depth)],
-        grid=(width, n_rows, 1),
-        threadgroup=(width, 1, 1),
-        output_shapes=[(n_rows, hidden), (n_rows,), (n_rows, hidden)],
-        output_dtypes=[mx.float32, mx.float32, mx.float32],
-    )
+    hidden, n_rows = inputs[0].shape[1], inputs[3].shape[0] - 1
+    return _rows_launch(hidden, [("H", hidden), ("P", trees), ("D", depth)], n_rows)
 
 
 FORWARD = KernelSpec(
