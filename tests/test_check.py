@@ -128,3 +128,17 @@ def test_dense_ffn_model_is_refused(converted_mlm, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UFBError, match="dense feedforward layers .* no conditional FFF to check"):
         check_lib.check(folder, configs=0)
+
+
+def test_an_absent_backend_is_reported_not_checked(monkeypatch):
+    """Off a Mac without a C++ compiler "metal" cannot be emulated: listed with the reason,
+    not counted as passing."""
+    from ufb_mlx import metal_emu
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: False)
+    monkeypatch.setattr(metal_emu, "unavailable_reason", lambda: "no C++ compiler found")
+    names, skipped = check_lib.available_backends()
+    assert "metal" not in names and skipped["metal"] == "no C++ compiler found"
+    doc = check_lib.check(MLM, configs=0)
+    assert [b["backend"] for b in doc["backends"]] == names
+    assert "metal  not checked: no C++ compiler found" in check_lib.format_report(doc)

@@ -267,6 +267,32 @@ def test_results_do_not_depend_on_scheduling(metal):
     assert_deterministic(Layer(P, D, H, T, dtype, seed=zlib.crc32(case_id(CASES[3]).encode())))
 
 
+@pytest.mark.parametrize("has_metal", [True, False], ids=["mac", "elsewhere"])
+def test_where_the_metal_path_runs(monkeypatch, has_metal):
+    """The one decision: the real kernels where MLX has Metal (nothing is redirected),
+    else every launch goes to the emulator, for the block only; without a compiler the
+    emulator is refused in one line."""
+    from ufb_mlx import check
+    from ufb_mlx.metal_emu import runner
+
+    monkeypatch.setattr(mx.metal, "is_available", lambda: has_metal)
+    assert metal_runner() == ("gpu" if has_metal else "emulator")
+    assert check.runs_on("metal")[1] is (not has_metal)
+    assert K._launcher is None
+    with metal_kernels() as where:
+        assert where == metal_runner()
+        assert (K._launcher is None) is has_metal and K.available()
+    assert K._launcher is None
+    monkeypatch.setattr(runner, "unavailable_reason", lambda: "no C++ compiler here")
+    if has_metal:
+        with metal_kernels():  # the GPU needs no compiler
+            pass
+    else:
+        with pytest.raises(HarnessError, match="^no C\\+\\+ compiler here$"):
+            with metal_kernels():
+                pass
+
+
 # ---- launch configuration from the width; rows visited by many tokens ----------------------
 
 
