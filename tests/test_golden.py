@@ -38,8 +38,10 @@ from conftest import CLS, MLM
 # matmul), so both halves of the conditional implementation meet the golden data;
 # "conditional-metal" runs the Metal kernels of metal/ (forward and backward): on the GPU
 # on a Mac, else through the emulator (ufb_mlx.metal_emu.metal_kernels decides);
-# "conditional-cpu" the fused C++ primitive of csrc/ (ufb_mlx._ext, forward and its vjp).
-MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense"]
+# "conditional-cpu" the fused C++ primitive of csrc/ (ufb_mlx._ext, forward and its vjp),
+# with the extension's fused attention; "dense-cpu" the masked-dense FFF with the
+# extension's GELU and attention.
+MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense", "dense-cpu"]
 
 
 @pytest.fixture
@@ -54,9 +56,10 @@ def load_mlx(monkeypatch):
             if mode == "conditional-metal":
                 stack.enter_context(metal_kernels())
                 backend = "metal"
-            if mode == "conditional-cpu":
+            if mode.endswith("-cpu"):
                 backend = "cpu"
-            return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional", backend=backend)
+            return ufb_mlx.load(path, fff_mode="dense" if mode.startswith("dense") else "conditional",
+                                backend=backend)
 
         yield load
 

@@ -73,3 +73,9 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int):
 def gelu(x):
     """Exact-erf GELU computed in float32 (a few ulp), returned in x's dtype."""
     return ext().gelu(x)
+
+
+def attention(qkv, key_mask, heads: int, scale: float):
+    """softmax(q k^T * scale + key_mask) v per head, float32, from the fused projection's
+    (B, S, 3H) output in the checkpoint's per-head [q|k|v] layout; returns (B, S, H)."""
+    return ext().attention(qkv, key_mask, heads, scale)[0]
