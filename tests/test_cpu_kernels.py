@@ -253,3 +253,17 @@ def test_attention_ignores_masked_keys():
     out2 = np.array(ext.attention(mx.array(qkv), mx.array(mask), 2, 8 ** -0.5)[0])
     keep = np.arange(9) != 4
     np.testing.assert_array_equal(out[0, keep], out2[0, keep])
+
+
+def test_openblas_gets_kernels_for_the_cpu_it_runs_on():
+    """Debian's OpenBLAS 0.3.21 takes recent Xeons for a generic "Prescott" and runs x @ W.T
+    ~4x slower; ufb_mlx.blas names the kernels from the CPU's instruction sets unless the
+    user chose (OPENBLAS_CORETYPE)."""
+    from ufb_mlx import blas
+
+    avx512 = {"avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    assert blas.coretype_for(avx512) == "SkylakeX"
+    assert blas.coretype_for({"avx2", "fma", "avx512f"}) == "Haswell"  # incomplete AVX-512
+    assert blas.coretype_for({"sse2", "avx"}) is None
+    if blas.status.startswith("OpenBLAS") and blas.coretype_for(blas._cpu_flags()):
+        assert "Prescott" not in blas.status and "kernels)" in blas.status

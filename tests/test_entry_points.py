@@ -19,7 +19,7 @@ SCRIPTS = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scrip
 def test_every_tool_has_a_console_command():
     modules = {target.split(":")[0] for target in SCRIPTS.values()}
     assert {"ufb_mlx.generate", "ufb_mlx.convert", "ufb_mlx.finetune", "ufb_mlx.classify",
-            "ufb_mlx.pretrain", "ufb_mlx.benchmark"} <= modules
+            "ufb_mlx.pretrain", "ufb_mlx.benchmark", "ufb_mlx.check"} <= modules
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))

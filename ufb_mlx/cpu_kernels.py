@@ -43,7 +43,7 @@ def _probe(module) -> str | None:
         y = module.gelu(mx.zeros((1,), dtype=mx.float32))
         mx.eval(y)
     except TypeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
         return (f"ufb_mlx._ext does not accept this mlx's arrays ({first}): it was built with "
                 "another nanobind ABI; rebuild it with `pip install -e .`")
     return None

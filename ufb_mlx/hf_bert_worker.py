@@ -16,8 +16,14 @@ full MLM forward, logits for every position. torch's thread count is the faster 
 """
 
 import json
+import os
 import sys
 import time
+
+# Run by path, this file's folder (ufb_mlx/) comes first on sys.path, where kernels.py would
+# shadow the `kernels` package that transformers may import.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
 
 
 def main() -> int:
