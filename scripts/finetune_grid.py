@@ -150,6 +150,11 @@ def table(records: list[dict], nb: dict, sizes: dict) -> str:
             lines.append(f"- {what}, lr {r['lr']:g}, {r['epochs']} epochs: "
                          f"{r['test']['accuracy']:.3f} ({r['test']['f1']:.3f}).")
     lines.append(f"- Bag-of-words naive Bayes (unigrams and bigrams): {nb['accuracy']:.3f} ({nb['f1']:.3f}).")
+    best = max(grid, key=lambda r: r["valid_accuracy"])
+    acc = best["test"]["accuracy"]
+    lines.append(f"- Best grid cell by validation accuracy: lr {best['lr']:g}, {best['epochs']} epochs (validation "
+                 f"{best['valid_accuracy']:.3f}, test {acc:.3f}). One seed per run: a test accuracy on "
+                 f"{sizes['test']} sentences has a standard error of about {np.sqrt(acc * (1 - acc) / sizes['test']):.3f}.")
     cpu = sum(r["cpu_s"] for r in records)
     lines.append(f"- CPU time of the {len(records)} runs: {cpu / 60:.0f} min "
                  f"(a 1-epoch run: {min(r['cpu_s'] / r['epochs'] for r in records):.0f} s of CPU).")
@@ -164,8 +169,11 @@ def update_card(card: Path, grid: dict, table_md: str, command: str) -> None:
     and the measurements beside it (finetune_grid.json)."""
     section = "\n".join([
         CARD_START, "## Fine-tuning this model (measured)", "",
-        "A real task built from the held-out and training splits of the corpus: which group of sources",
-        "a sentence comes from (bible, speeches, literature, reference, technical). Measured by",
+        "A real task built from the corpus: which group of sources a sentence comes from (bible,",
+        "speeches, literature, reference, technical); training sentences from the corpus's training",
+        "split, test sentences from its held-out split. Each group is built by",
+        "`python scripts/build_corpus.py --sources SOURCES --out data/groups/GROUP` (the groups and",
+        "their sources are listed in scripts/finetune_grid.py), then measured by",
         "", "```", command, "```", "", table_md.rstrip(), CARD_END])
     text = card.read_text()
     if CARD_START in text:

@@ -96,3 +96,26 @@ def test_demo_names_the_shipped_model_everywhere(tmp_path):
     assert (tmp_path / "conv" / "model.safetensors").is_file()
     proc = run_module("ufb_mlx.benchmark", "model", "--model", "demo", "--tiny", "--json")
     assert json.loads(proc.stdout)["config"]["model"] == "demo"
+
+
+def test_model_card_records_the_finetuning_grid():
+    """The card's table is the measurements shipped beside it (finetune_grid.json, written
+    by scripts/finetune_grid.py), and finetune's "small" recipe is the grid's best cell by
+    validation accuracy."""
+    from ufb_mlx.finetune import RECIPES
+
+    grid = json.loads((DEMO / "finetune_grid.json").read_text())
+    card = (DEMO / "README.md").read_text()
+    section = card.split("<!-- finetune-grid -->")[1].split("<!-- /finetune-grid -->")[0]
+    cells = [r for r in grid["runs"] if r["init"] == "pretrained" and not r.get("extra")]
+    assert len(cells) >= 6 and len({r["lr"] for r in cells}) >= 3
+    for r in grid["runs"]:
+        shown = f"{r['test']['accuracy']:.3f} ({r['test']['f1']:.3f})"
+        if r in cells:
+            (row,) = [line for line in section.splitlines() if line.startswith(f"| {r['lr']:g} |")]
+            assert shown in row, (r, row)
+        else:
+            assert f"lr {r['lr']:g}, {r['epochs']} epochs: {shown}" in section, r
+    assert f"{grid['naive_bayes']['accuracy']:.3f}" in section
+    best = max(cells, key=lambda r: r["valid_accuracy"])
+    assert (best["lr"], best["epochs"]) == (RECIPES["small"]["lr"], RECIPES["small"]["epochs"])
