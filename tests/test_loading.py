@@ -75,7 +75,8 @@ def test_convert_cli_writes_a_loadable_folder(tmp_path, mlm_cases):
     proc = run_convert("--hf-path", MLM, "--mlx-path", out)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         ".ultrafastbert.json"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "ultrafastbert" and cfg["source"]["hf_path"] == str(MLM)
     weights, _ = read_safetensors(out / "model.safetensors")
@@ -106,9 +107,17 @@ def test_convert_refuses_existing_output_without_force(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert_one_line_error(run_convert("--hf-path", MLM, "--mlx-path", out), "exists", "--force")
+    # --force replaces only a folder convert wrote: this one holds a file of the user's.
+    assert_one_line_error(run_convert("--hf-path", MLM, "--mlx-path", out, "--force"),
+                          "not a model folder written by this project")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose
     assert run_convert("--hf-path", MLM, "--mlx-path", out, "--force").returncode == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / ".ultrafastbert.json").is_file()
+    before = (out / "config.json").stat().st_ino
+    assert run_convert("--hf-path", MLM, "--mlx-path", out, "--force", "--dtype", "float16").returncode == 0
+    assert (out / "config.json").stat().st_ino != before  # replaced: a folder convert wrote
+    assert json.loads((out / "config.json").read_text())["source"]["dtype"] == "float16"
 
 
 def _bad_key_cases():
