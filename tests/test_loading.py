@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,49 +21,12 @@ from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.errors import UFBError
 
 from conftest import CLS, MLM, REPO
-
-
-def copy_golden(tmp_path, src=MLM, name="model") -> Path:
-    dst = tmp_path / name
-    shutil.copytree(src, dst)
-    (dst / "cases.npz").unlink()
-    return dst
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """A minimal writer (the format: u64 header size, JSON header, raw bytes), so the
-    tests can build malformed checkpoints that a library would refuse to write."""
-    codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
-             np.dtype("int32"): "I32"}
-    header, blobs, offset = {}, [], 0
-    for key, arr in tensors.items():
-        b = np.ascontiguousarray(arr).tobytes()
-        header[key] = {"dtype": codes[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
-def edit_weights(folder: Path, fn) -> None:
-    tensors, _ = read_safetensors(folder / "model.safetensors")
-    tensors = dict(tensors)
-    fn(tensors)
-    write_safetensors(folder / "model.safetensors", tensors)
+from refusals import assert_one_line_error, copy_golden, edit_weights
 
 
 def run_convert(*args):
     return subprocess.run([sys.executable, str(REPO / "convert.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 # ---------------------------------------------------------------------------- converting
