@@ -36,8 +36,9 @@ GRAD_RTOL = 1e-5
 # "conditional-gather" forces every level through the gather/scatter path (no top-level
 # matmul), so both halves of the conditional implementation meet the golden data;
 # "conditional-metal" runs the Metal kernels of metal/ (forward and backward) through
-# the off-Mac emulator, as a Mac would run them.
-MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "dense"]
+# the off-Mac emulator, as a Mac would run them; "conditional-cpu" the fused C++ primitive
+# of csrc/ (ufb_mlx._ext, forward and its vjp).
+MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense"]
 
 
 def load_mlx(path, mode, monkeypatch):
@@ -50,6 +51,8 @@ def load_mlx(path, mode, monkeypatch):
         monkeypatch.setattr(kernels, "available", lambda: True)
         monkeypatch.setattr(kernels, "launch", emulated_launch)
         backend = "metal"
+    if mode == "conditional-cpu":
+        backend = "cpu"
     return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional", backend=backend)
 
 

@@ -22,11 +22,31 @@ def _load():
     except ImportError as e:
         return None, (f"the C++ extension ufb_mlx._ext is not built ({e}); "
                       "reinstall with `pip install -e .` (needs a C++ compiler and cmake)")
-    built = getattr(_ext, "MLX_VERSION", "?")
-    if built != mx.__version__:
-        return None, (f"ufb_mlx._ext was built against mlx {built} but mlx {mx.__version__} is "
-                      "installed; rebuild it with `pip install -e .`")
-    return _ext, None
+    reason = version_mismatch(getattr(_ext, "MLX_VERSION", "?"), mx.__version__)
+    if reason is None:
+        reason = _probe(_ext)
+    return (None, reason) if reason else (_ext, None)
+
+
+def version_mismatch(built: str, running: str) -> str | None:
+    """Why a module built against mlx ``built`` cannot run under mlx ``running`` (None: it can)."""
+    if built == running.split(".dev")[0].split("+")[0]:
+        return None
+    return (f"ufb_mlx._ext was built against mlx {built} but mlx {running} is installed; "
+            "rebuild it with `pip install -e .`")
+
+
+def _probe(module) -> str | None:
+    """One tiny call: a module whose nanobind ABI differs from mlx's rejects mlx arrays
+    with a TypeError instead of computing anything."""
+    try:
+        y = module.gelu(mx.zeros((1,), dtype=mx.float32))
+        mx.eval(y)
+    except TypeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return (f"ufb_mlx._ext does not accept this mlx's arrays ({first}): it was built with "
+                "another nanobind ABI; rebuild it with `pip install -e .`")
+    return None
 
 
 def available() -> bool:
@@ -42,3 +62,14 @@ def ext():
     if module is None:
         raise RuntimeError(reason)
     return module
+
+
+def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int):
+    """y (T, H) in x's dtype for x (T, H); weights in one float dtype (b_in and w_out are
+    cast to w_in's); w_out (H, P*n) in either layout (column-major reads in place)."""
+    return ext().fff_forward(x, w_in, b_in, w_out, trees, depth)[0]
+
+
+def gelu(x):
+    """Exact-erf GELU computed in float32 (a few ulp), returned in x's dtype."""
+    return ext().gelu(x)

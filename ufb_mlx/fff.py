@@ -272,8 +272,7 @@ def _fff_metal(x, w_in, b_in, w_out, trees, depth, top):
 
 def _fff_cpu(x, w_in, b_in, w_out, trees, depth, top):
     lead, H = x.shape[:-1], x.shape[-1]
-    y = cpu_kernels.fff_conditional(x.reshape(-1, H), w_in, b_in, mx.contiguous(w_out.T), trees, depth)
-    return y.reshape(*lead, H)
+    return cpu_kernels.fff_conditional(x.reshape(-1, H), w_in, b_in, w_out, trees, depth).reshape(*lead, H)
 
 
 def _fff_ops(x, w_in, b_in, w_out, trees, depth, top):

@@ -1,0 +1,393 @@
+// The MLX side of the fused CPU FFF: graph construction, output allocation, and the
+// tasks handed to MLX's CPU command encoder (which run on the stream's thread and spread
+// the loops of kernels_impl.h over threads.h's pool).
+#include "fff_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "threads.h"
+
+namespace ufb {
+
+namespace {
+
+DType to_dtype(const mx::array& a, const char* what) {
+  switch (a.dtype()) {
+    case mx::float32: return DType::f32;
+    case mx::float16: return DType::f16;
+    case mx::bfloat16: return DType::bf16;
+    default:
+      throw std::invalid_argument(std::string("[ufb] ") + what + " must be float32, float16 or bfloat16");
+  }
+}
+
+int64_t n_nodes(int depth) { return (int64_t(2) << depth) - 1; }
+
+// A 2-D (or 1-D) input as a row-major buffer: the array's own memory when it already is
+// row-contiguous (the normal case), else a copy into `scratch`. Runs inside the task,
+// when the input's values exist.
+struct Strided {
+  const char* data;
+  int64_t rows, cols, rs, cs;  // element strides
+  size_t item;
+};
+
+Strided strided(const mx::array& a) {
+  Strided s;
+  s.data = static_cast<const char*>(a.data<void>());
+  s.item = a.itemsize();
+  if (a.ndim() == 1) {
+    s.rows = 1;
+    s.cols = a.shape(0);
+    s.rs = 0;
+    s.cs = a.strides()[0];
+  } else {
+    s.rows = a.shape(0);
+    s.cols = a.shape(1);
+    s.rs = a.strides()[0];
+    s.cs = a.strides()[1];
+  }
+  return s;
+}
+
+bool is_dense_rows(const Strided& s) { return s.cs == 1 && (s.rows <= 1 || s.rs == s.cols); }
+
+const void* dense_rows(const Strided& s, std::vector<char>& scratch) {
+  if (is_dense_rows(s)) return s.data;
+  scratch.resize(size_t(s.rows * s.cols) * s.item);
+  char* out = scratch.data();
+  parallel_for(s.rows, num_threads(), [&](int64_t r) {
+    for (int64_t c = 0; c < s.cols; ++c) {
+      std::memcpy(out + (r * s.cols + c) * s.item, s.data + (r * s.rs + c * s.cs) * s.item, s.item);
+    }
+  });
+  return out;
+}
+
+// w_out (H, R) viewed as w_out_t (R, H) row-major: free when w_out is column-major.
+const void* transposed_rows(const Strided& w_out, std::vector<char>& scratch) {
+  Strided t{w_out.data, w_out.cols, w_out.rows, w_out.cs, w_out.rs, w_out.item};
+  return dense_rows(t, scratch);
+}
+
+void check_inputs(const mx::array& x, const mx::array& w_in, const mx::array& b_in, const mx::array& w_out,
+                  int trees, int depth) {
+  if (trees < 1 || depth < 0 || depth > 30) {
+    throw std::invalid_argument("[ufb.fff_forward] need trees >= 1 and 0 <= depth <= 30");
+  }
+  if (x.ndim() != 2) throw std::invalid_argument("[ufb.fff_forward] x must be (tokens, hidden)");
+  const int64_t H = x.shape(1), R = trees * n_nodes(depth);
+  if (w_in.ndim() != 2 || w_in.shape(0) != R || w_in.shape(1) != H) {
+    throw std::invalid_argument("[ufb.fff_forward] w_in must be (trees * (2^(depth+1) - 1), hidden)");
+  }
+  if (b_in.ndim() != 1 || b_in.shape(0) != R) throw std::invalid_argument("[ufb.fff_forward] b_in must be (rows,)");
+  if (w_out.ndim() != 2 || w_out.shape(0) != H || w_out.shape(1) != R) {
+    throw std::invalid_argument("[ufb.fff_forward] w_out must be (hidden, rows)");
+  }
+  to_dtype(x, "x");
+  to_dtype(w_in, "w_in");
+  if (R * H >= (int64_t(1) << 62)) throw std::invalid_argument("[ufb.fff_forward] weights too large");
+}
+
+// Tokens per parallel task: enough work to amortise a task, small enough to balance.
+constexpr int64_t TOKENS_PER_TASK = 16;
+
+void alloc(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------
+// Ops
+
+std::vector<mx::array> fff_forward(const mx::array& x, const mx::array& w_in, const mx::array& b_in,
+                                   const mx::array& w_out, int trees, int depth, mx::StreamOrDevice s) {
+  check_inputs(x, w_in, b_in, w_out, trees, depth);
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  const auto wt = w_in.dtype();
+  const int T = x.shape(0), L = depth + 1;
+  return mx::array::make_arrays(
+      {x.shape(), {T, trees, L}, {T, trees, L}}, {x.dtype(), mx::int32, mx::float32},
+      std::make_shared<FFFForward>(stream, trees, depth),
+      {x, w_in, mx::astype(b_in, wt, stream), mx::astype(w_out, wt, stream)});
+}
+
+mx::array gelu(const mx::array& x, mx::StreamOrDevice s) {
+  auto stream = mx::to_stream(s, mx::Device::cpu);
+  auto xf = mx::astype(x, mx::float32, stream);
+  auto y = mx::array(xf.shape(), mx::float32, std::make_shared<Gelu>(stream), {xf});
+  return mx::astype(y, x.dtype(), stream);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+void FFFForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto &x = inputs[0], &w_in = inputs[1], &b_in = inputs[2], &w_out = inputs[3];
+  auto &y = outputs[0], &rows = outputs[1], &z = outputs[2];
+  for (auto& o : outputs) alloc(o);
+  ForwardArgs a{};
+  a.xt = to_dtype(x, "x");
+  a.wt = to_dtype(w_in, "w_in");
+  a.T = x.shape(0);
+  a.H = x.shape(1);
+  a.P = trees_;
+  a.D = depth_;
+  a.y = y.data<void>();
+  a.rows = rows.data<int32_t>();
+  a.z = z.data<float>();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(x);
+  enc.set_input_array(w_in);
+  enc.set_input_array(b_in);
+  enc.set_input_array(w_out);
+  for (auto& o : outputs) enc.set_output_array(o);
+  enc.dispatch([a, sx = strided(x), sw = strided(w_in), sb = strided(b_in), so = strided(w_out)]() mutable {
+    std::vector<char> bx, bw, bb, bo;
+    a.x = dense_rows(sx, bx);
+    a.w_in = dense_rows(sw, bw);
+    a.b_in = dense_rows(sb, bb);
+    a.w_out_t = transposed_rows(so, bo);
+    const KernelTable& k = table();
+    const int64_t tasks = (a.T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
+    parallel_for(tasks, num_threads(), [&](int64_t i) {
+      k.forward(a, i * TOKENS_PER_TASK, std::min(a.T, (i + 1) * TOKENS_PER_TASK));
+    });
+  });
+}
+
+void FFFForward::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[ufb] FFFForward runs on the CPU only; on a GPU use the Metal kernels (backend='metal')");
+}
+
+std::vector<mx::Shape> FFFForward::output_shapes(const std::vector<mx::array>& inputs) {
+  const int T = inputs[0].shape(0), L = depth_ + 1;
+  return {inputs[0].shape(), {T, trees_, L}, {T, trees_, L}};
+}
+
+bool FFFForward::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const FFFForward&>(other);
+  return trees_ == o.trees_ && depth_ == o.depth_;
+}
+
+std::vector<mx::array> FFFForward::vjp(const std::vector<mx::array>& primals,
+                                       const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
+                                       const std::vector<mx::array>& outputs) {
+  const auto &x = primals[0], &w_in = primals[1], &b_in = primals[2], &w_out = primals[3];
+  const auto dy = mx::astype(cotangents[0], x.dtype(), stream());
+  auto grads = mx::array::make_arrays(
+      {x.shape(), w_in.shape(), b_in.shape(), w_out.shape()}, {x.dtype(), w_in.dtype(), w_in.dtype(), w_in.dtype()},
+      std::make_shared<FFFBackward>(stream(), trees_, depth_), {x, w_in, w_out, outputs[1], outputs[2], dy});
+  std::vector<mx::array> out;
+  for (int i : argnums) out.push_back(mx::astype(grads[i], primals[i].dtype(), stream()));
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+void FFFBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto &x = inputs[0], &w_in = inputs[1], &w_out = inputs[2], &rows = inputs[3], &z = inputs[4],
+             &dy = inputs[5];
+  auto &dx = outputs[0], &d_w_in = outputs[1], &d_b_in = outputs[2], &d_w_out = outputs[3];
+  alloc(dx);
+  alloc(d_w_in);
+  alloc(d_b_in);
+  // d_w_out (H, R) is written column-major: its column r (row r of the transpose) is the
+  // contiguous sum over node r's visits, and the layout matches the one load() gives w_out.
+  {
+    const int64_t H = d_w_out.shape(0), R = d_w_out.shape(1);
+    mx::array::Flags f;
+    f.contiguous = true;
+    f.row_contiguous = (H == 1 || R == 1);
+    f.col_contiguous = true;
+    d_w_out.set_data(mx::allocator::malloc(d_w_out.nbytes()), size_t(H * R), {1, H}, f);
+  }
+  BackwardArgs a{};
+  a.xt = to_dtype(x, "x");
+  a.wt = to_dtype(w_in, "w_in");
+  a.T = x.shape(0);
+  a.H = x.shape(1);
+  a.P = trees_;
+  a.D = depth_;
+  a.dx = dx.data<void>();
+  a.d_w_in = d_w_in.data<void>();
+  a.d_b_in = d_b_in.data<void>();
+  a.d_w_out_t = d_w_out.data<void>();
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  for (auto& in : inputs) enc.set_input_array(in);
+  for (auto& o : outputs) enc.set_output_array(o);
+  enc.dispatch([a, sx = strided(x), sw = strided(w_in), so = strided(w_out), sdy = strided(dy),
+                rows_p = rows.data<int32_t>(), z_p = z.data<float>(), wbytes = d_w_in.itemsize()]() mutable {
+    std::vector<char> bx, bw, bo, bdy;
+    a.x = dense_rows(sx, bx);
+    a.w_in = dense_rows(sw, bw);
+    a.w_out_t = transposed_rows(so, bo);
+    a.dy = dense_rows(sdy, bdy);
+    a.rows = rows_p;  // outputs of FFFForward: always row-contiguous
+    a.z = z_p;
+    const int64_t T = a.T, H = a.H, L = a.D + 1, V = int64_t(a.P) * L;
+    const int64_t R = a.P * n_nodes(a.D);
+    std::vector<float> dz(size_t(T * V)), act(size_t(T * V));
+    a.dz = dz.data();
+    a.act = act.data();
+    const KernelTable& k = table();
+    const int threads = num_threads();
+
+    // 1. per token: dx, dz, act
+    const int64_t tasks = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
+    parallel_for(tasks, threads, [&](int64_t i) {
+      k.backward_tokens(a, i * TOKENS_PER_TASK, std::min(T, (i + 1) * TOKENS_PER_TASK));
+    });
+
+    // 2. visits grouped by row, token order kept (counting sort)
+    std::vector<int64_t> offsets(size_t(R + 1), 0);
+    for (int64_t v = 0; v < T * V; ++v) ++offsets[size_t(a.rows[v]) + 1];
+    for (int64_t r = 0; r < R; ++r) offsets[size_t(r + 1)] += offsets[size_t(r)];
+    std::vector<int32_t> order(size_t(T * V));
+    {
+      std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+      for (int64_t v = 0; v < T * V; ++v) order[size_t(fill[size_t(a.rows[v])]++)] = int32_t(v);
+    }
+    a.order = order.data();
+    a.offsets = offsets.data();
+
+    // 3. per (row, column range), heaviest rows first (top levels of each tree); rows with
+    // many visits are split across columns so that the root does not serialise the work.
+    struct Unit {
+      int64_t r, h0, h1;
+    };
+    std::vector<Unit> units;
+    std::vector<int64_t> empty;
+    const int64_t N = n_nodes(a.D);
+    for (int64_t level = 0; level < L; ++level) {
+      for (int64_t k2 = 0; k2 < a.P; ++k2) {
+        for (int64_t node = (int64_t(1) << level) - 1; node < (int64_t(2) << level) - 1; ++node) {
+          const int64_t r = k2 * N + node;
+          const int64_t c = offsets[size_t(r + 1)] - offsets[size_t(r)];
+          if (c == 0) {
+            empty.push_back(r);
+            continue;
+          }
+          const int64_t work = c * H;
+          const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>((H + 127) / 128, work / (64 * 1024)));
+          const int64_t step = ((H + pieces - 1) / pieces + 15) / 16 * 16;
+          for (int64_t h0 = 0; h0 < H; h0 += step) units.push_back({r, h0, std::min(H, h0 + step)});
+        }
+      }
+    }
+    parallel_for(int64_t(units.size()), threads, [&](int64_t i) { k.backward_rows(a, units[i].r, units[i].h0, units[i].h1); });
+    // Unvisited rows get zeros.
+    char* d_in = static_cast<char*>(a.d_w_in);
+    char* d_out = static_cast<char*>(a.d_w_out_t);
+    char* d_b = static_cast<char*>(a.d_b_in);
+    const int64_t per_task = 64;
+    parallel_for((int64_t(empty.size()) + per_task - 1) / per_task, threads, [&](int64_t i) {
+      const int64_t e = std::min<int64_t>(int64_t(empty.size()), (i + 1) * per_task);
+      for (int64_t j = i * per_task; j < e; ++j) {
+        const int64_t r = empty[size_t(j)];
+        std::memset(d_in + r * H * wbytes, 0, size_t(H) * wbytes);
+        std::memset(d_out + r * H * wbytes, 0, size_t(H) * wbytes);
+        std::memset(d_b + r * wbytes, 0, wbytes);
+      }
+    });
+  });
+}
+
+void FFFBackward::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[ufb] FFFBackward runs on the CPU only");
+}
+
+std::vector<mx::Shape> FFFBackward::output_shapes(const std::vector<mx::array>& inputs) {
+  const auto &x = inputs[0], &w_in = inputs[1], &w_out = inputs[2];
+  return {x.shape(), w_in.shape(), {w_in.shape(0)}, w_out.shape()};
+}
+
+bool FFFBackward::is_equivalent(const mx::Primitive& other) const {
+  auto& o = static_cast<const FFFBackward&>(other);
+  return trees_ == o.trees_ && depth_ == o.depth_;
+}
+
+// ---------------------------------------------------------------------------------------
+// GELU
+
+namespace {
+constexpr int64_t ELEMS_PER_TASK = 1 << 15;
+
+template <class F>
+void elementwise(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& out, F f) {
+  alloc(out);
+  auto& enc = mx::cpu::get_command_encoder(s);
+  for (auto& in : inputs) enc.set_input_array(in);
+  enc.set_output_array(out);
+  enc.dispatch([inputs, out_p = out.data<float>(), n = int64_t(out.size()), f]() {
+    std::vector<std::vector<char>> scratch(inputs.size());
+    std::vector<const float*> ptrs;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      const auto& in = inputs[i];
+      if (in.flags().row_contiguous) {
+        ptrs.push_back(in.data<float>());
+      } else if (in.data_size() == 1) {  // a broadcast scalar (e.g. the cotangent of a sum)
+        scratch[i].resize(size_t(n) * sizeof(float));
+        float* d = reinterpret_cast<float*>(scratch[i].data());
+        std::fill(d, d + n, *in.data<float>());
+        ptrs.push_back(d);
+      } else {
+        // Rare (a strided view): gather into a dense buffer, element by element.
+        scratch[i].resize(size_t(n) * sizeof(float));
+        float* d = reinterpret_cast<float*>(scratch[i].data());
+        const auto& shape = in.shape();
+        const auto& strides = in.strides();
+        const float* src = in.data<float>();
+        for (int64_t e = 0; e < n; ++e) {
+          int64_t rem = e, off = 0;
+          for (int ax = int(shape.size()) - 1; ax >= 0; --ax) {
+            off += (rem % shape[ax]) * strides[ax];
+            rem /= shape[ax];
+          }
+          d[e] = src[off];
+        }
+        ptrs.push_back(d);
+      }
+    }
+    const int64_t tasks = (n + ELEMS_PER_TASK - 1) / ELEMS_PER_TASK;
+    parallel_for(tasks, num_threads(), [&](int64_t i) {
+      const int64_t b = i * ELEMS_PER_TASK, e = std::min(n, b + ELEMS_PER_TASK);
+      f(ptrs, out_p, b, e - b);
+    });
+  });
+}
+}  // namespace
+
+void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  elementwise(stream(), inputs, out, [](const std::vector<const float*>& in, float* o, int64_t b, int64_t n) {
+    table().gelu(in[0] + b, o + b, n);
+  });
+}
+
+void Gelu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[ufb] gelu runs on the CPU only");
+}
+
+std::vector<mx::array> Gelu::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                                 const std::vector<int>&, const std::vector<mx::array>&) {
+  auto dy = mx::astype(cotangents[0], mx::float32, stream());
+  return {mx::array(primals[0].shape(), mx::float32, std::make_shared<GeluVjp>(stream()), {primals[0], dy})};
+}
+
+void GeluVjp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  elementwise(stream(), inputs, out, [](const std::vector<const float*>& in, float* o, int64_t b, int64_t n) {
+    table().gelu_vjp(in[0] + b, in[1] + b, o + b, n);
+  });
+}
+
+void GeluVjp::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[ufb] gelu runs on the CPU only");
+}
+
+}  // namespace ufb

@@ -1,0 +1,92 @@
+// The fused CPU loops of the FFF layer, independent of MLX (plain pointers).
+//
+// Layouts (all row-major, element types named by DType):
+//   x (T, H), y (T, H), dy (T, H), dx (T, H): activations, dtype `xt`;
+//   w_in (R, H), b_in (R), w_out_t (R, H): weights, dtype `wt`, R = P * N rows,
+//     N = 2^(D+1) - 1 nodes per tree; w_out_t is linear_out.weight transposed, so the
+//     output row of node r is contiguous, like its input row;
+//   rows (T, P, L) int32 global row ids k*N + node, z (T, P, L) float32 logits, L = D+1;
+//   dz, act (T, P, L) float32: the backward's per-visit coefficients.
+// Every loop accumulates in float32. The ISA-specific translation units
+// (kernels_avx512.cpp, kernels_avx2.cpp, kernels_generic.cpp) compile the same template
+// code (kernels_impl.h) with different target flags; `table()` picks one at run time.
+#pragma once
+
+#include <cstdint>
+
+namespace ufb {
+
+enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
+
+struct ForwardArgs {
+  const void* x;
+  const void* w_in;
+  const void* b_in;
+  const void* w_out_t;
+  void* y;
+  int32_t* rows;
+  float* z;
+  DType xt, wt;
+  int64_t T, H;
+  int P, D;
+};
+
+struct BackwardArgs {
+  const void* x;
+  const void* dy;
+  const void* w_in;
+  const void* w_out_t;
+  const int32_t* rows;
+  const float* z;
+  void* dx;        // (T, H), xt
+  float* dz;       // (T, P, L)
+  float* act;      // (T, P, L)
+  void* d_w_in;    // (R, H), wt
+  void* d_b_in;    // (R,), wt
+  void* d_w_out_t; // (R, H), wt
+  // Visits grouped by row: order[offsets[r] .. offsets[r+1]) are the flat visit indices
+  // (t * P + k) * L + level of row r, in token order.
+  const int32_t* order;
+  const int64_t* offsets;
+  DType xt, wt;
+  int64_t T, H;
+  int P, D;
+};
+
+struct KernelTable {
+  const char* isa;
+  // Tokens [t0, t1): descent, y, rows and z.
+  void (*forward)(const ForwardArgs&, int64_t t0, int64_t t1);
+  // Tokens [t0, t1): dx, dz, act.
+  void (*backward_tokens)(const BackwardArgs&, int64_t t0, int64_t t1);
+  // Row r, columns [h0, h1): d_w_in, d_w_out_t (and d_b_in when h0 == 0), each a sum
+  // over the row's visits in token order (unvisited rows: zeros).
+  void (*backward_rows)(const BackwardArgs&, int64_t r, int64_t h0, int64_t h1);
+  // y = gelu(x) elementwise, n values (float32); and its backward dx = dy * gelu'(x).
+  void (*gelu)(const float* x, float* y, int64_t n);
+  void (*gelu_vjp)(const float* x, const float* dy, float* dx, int64_t n);
+  // Softmax over rows of length n, scale applied to x first; y may alias x.
+  void (*softmax_rows)(const float* x, float* y, int64_t rows, int64_t n, float scale);
+};
+
+// The best table this CPU supports (UFB_CPU_ISA=generic|avx2|avx512 forces one).
+const KernelTable& table();
+// Every table compiled in and usable on this CPU (for tests), and switching to one by
+// name (false if it is not usable here). Switch only while no kernel runs.
+int n_tables();
+const KernelTable& table_at(int i);
+bool use_table(const char* isa);
+
+namespace generic {
+extern const KernelTable kTable;
+}
+#if defined(__x86_64__) || defined(_M_X64)
+namespace avx2 {
+extern const KernelTable kTable;
+}
+namespace avx512 {
+extern const KernelTable kTable;
+}
+#endif
+
+} // namespace ufb

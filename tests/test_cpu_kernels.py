@@ -1,0 +1,200 @@
+"""The fused CPU primitive (csrc/ -> ufb_mlx._ext) against the float64 NumPy reference.
+
+Same problems and tolerances as tests/test_fff_properties.py (random P, D, H, shapes,
+dtypes, exact-zero logits, near-tie tokens excused against float64), plus what only this
+implementation has: every instruction-set build usable on this CPU (AVX-512, AVX2,
+portable), thread counts 1..4, both layouts of linear_out.weight, half-precision weights
+under float32 activations, a bitwise-deterministic backward, mx.compile, and the checks
+that refuse a module built for another mlx.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from test_fff_properties import EPS_COND, MX_DTYPES, UNIT, as_mx, assert_close_on, excused, fff_problem
+from ufb_mlx import backend, cpu_kernels
+from ufb_mlx import fff as mlx_fff
+from ufb_ref import fff as ref_fff
+from ufb_ref.errors import UFBError
+
+if not cpu_kernels.available():
+    # CI builds the extension (pip install -e .): its absence is a failure, not a skip.
+    raise RuntimeError(f"the CPU extension is not available: {cpu_kernels.unavailable_reason()} "
+                       "(in a second checkout: `python setup.py build_ext --inplace`)")
+
+ext = cpu_kernels.ext()
+ISAS = ext.isas()
+
+
+@pytest.fixture(autouse=True)
+def restore_isa_and_threads():
+    isa, threads = ext.isa(), ext.num_threads()
+    yield
+    ext.set_isa(isa)
+    ext.set_num_threads(threads)
+
+
+def layout(w_out: mx.array, column_major: bool) -> mx.array:
+    """linear_out.weight as load() stores it (column-major) or as training leaves it."""
+    return mx.contiguous(w_out.T).T if column_major else mx.contiguous(w_out)
+
+
+settings_cpu = st.tuples(st.sampled_from(ISAS), st.integers(1, 4), st.booleans())
+
+
+@given(fff_problem(), settings_cpu, st.booleans())
+def test_forward_matches_reference(problem, cfg, f32_activations):
+    trees, depth, _, dtype, (x, w_in, b_in, w_out), _ = problem
+    isa, threads, column_major = cfg
+    ext.set_isa(isa)
+    ext.set_num_threads(threads)
+    xdt = "float32" if f32_activations else dtype  # half weights under float32 activations too
+    xs = as_mx(x, xdt).reshape(-1, x.shape[-1])
+    ws = [as_mx(a, dtype) for a in (w_in, b_in)]
+    y, rows, z = ext.fff_forward(xs, *ws, layout(as_mx(w_out, dtype), column_major), trees, depth)
+    truth = ref_fff.fff_descent(x, w_in, b_in, w_out, trees, depth).reshape(xs.shape)
+    keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
+    assert y.dtype == MX_DTYPES[xdt] and y.shape == xs.shape
+    # float32 accumulation (~1e-6 relative) plus one rounding to the output dtype.
+    scale = 1 + np.abs(truth).max()
+    assert_close_on(np.array(y.astype(mx.float32)), truth, keep, scale * (1e-5 + 2 * UNIT[xdt]), f"cpu/{isa}")
+    paths, zref = ref_fff.descend(x, w_in, b_in, trees, depth)
+    flat = lambda a: a.reshape(keep.shape[0], -1)
+    nodes = np.array(rows) - (np.arange(trees) * ref_fff.n_nodes(depth))[:, None]
+    np.testing.assert_array_equal(flat(nodes)[keep], flat(paths)[keep])
+    # Logits: a float32 dot product of H <= 70 terms of size ~1: 1e-5 absolute.
+    assert_close_on(np.array(z), zref, keep, 1e-5 * (1 + np.abs(zref).max()), "logits")
+
+
+@given(fff_problem(), settings_cpu)
+def test_gradients_match_reference(problem, cfg):
+    trees, depth, _, dtype, (x, w_in, b_in, w_out), dy = problem
+    isa, threads, column_major = cfg
+    ext.set_isa(isa)
+    ext.set_num_threads(threads)
+    bad = excused(x, w_in, b_in, trees, depth, EPS_COND)
+    dy = dy.reshape(bad.shape[0], -1).copy()
+    dy[bad] = 0  # tokens near a routing tie would send their gradient to other rows
+    cot = as_mx(dy.reshape(x.shape), dtype)
+    dy = np.array(cot.astype(mx.float32)).astype(np.float64)  # the reference sees the rounded dy
+    want = ref_fff.fff_descent_vjp(x, w_in, b_in, w_out, trees, depth, dy)
+    args = [as_mx(a, dtype) for a in (x, w_in, b_in)] + [layout(as_mx(w_out, dtype), column_major)]
+    loss = lambda *a: (mlx_fff.fff_conditional(*a, trees, depth, backend="cpu").astype(mx.float32)
+                       * cot.astype(mx.float32)).sum()
+    got = mx.grad(loss, argnums=(0, 1, 2, 3))(*args)
+    for name, g, w, p in zip(("x", "w_in", "b_in", "w_out"), got, want, args):
+        assert g.dtype == p.dtype and g.shape == p.shape
+        # float32 sums of at most T * P * (D+1) terms of size ~1 (1e-5 relative to the
+        # gradient's scale, far below one misplaced contribution), then one rounding to
+        # the parameter's dtype.
+        tol = (1e-5 + 2 * UNIT[dtype]) * (1 + np.abs(w).max())
+        g = np.array(g.astype(mx.float32))
+        if name == "x":
+            assert_close_on(g, w, ~bad, tol, f"cpu/{isa} dx")
+        else:
+            np.testing.assert_allclose(g, w, atol=tol, rtol=0, err_msg=f"cpu/{isa} d{name}")
+
+
+def _layer(T, H, P, D, seed=0):
+    rng = np.random.default_rng(seed)
+    n = ref_fff.n_nodes(D)
+    return [mx.array(a.astype(np.float32)) for a in (
+        rng.normal(size=(T, H)), rng.normal(size=(P * n, H)) / np.sqrt(H), rng.normal(size=P * n) * 0.1,
+        rng.normal(size=(H, P * n)) / np.sqrt(D + 1), rng.normal(size=(T, H)))]
+
+
+def test_backward_is_bitwise_deterministic_across_threads_and_runs():
+    """The root row is visited by all 600 tokens and is split across column ranges; each
+    output element is still summed by one unit in token order, so every thread count
+    gives the same bits."""
+    x, w_in, b_in, w_out, dy = _layer(600, 96, 2, 6)
+    loss = lambda *a: (mlx_fff.fff_conditional(*a, 2, 6, backend="cpu") * dy).sum()
+    runs = []
+    for threads in (1, 2, 3, 4, 2):
+        ext.set_num_threads(threads)
+        runs.append([np.array(g) for g in mx.grad(loss, argnums=(0, 1, 2, 3))(x, w_in, b_in, w_out)])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert np.array_equal(a, b)
+
+
+def test_instruction_sets_agree_on_routing_and_closely_on_values():
+    x, w_in, b_in, w_out, _ = _layer(64, 768, 1, 11)
+    outs = {}
+    for isa in ISAS:
+        ext.set_isa(isa)
+        outs[isa] = [np.array(a) for a in ext.fff_forward(x, w_in, b_in, w_out, 1, 11)]
+    first = outs[ISAS[0]]
+    for isa in ISAS[1:]:
+        # Different vector widths sum in different orders: 1e-5 of the output scale.
+        np.testing.assert_allclose(outs[isa][0], first[0], atol=1e-5 * (1 + np.abs(first[0]).max()), rtol=0)
+        assert np.array_equal(outs[isa][1], first[1])
+
+
+def test_released_size_matches_float64_reference():
+    """768 wide, one tree of depth 11 (the released layer), 64 tokens."""
+    x, w_in, b_in, w_out, _ = _layer(64, 768, 1, 11, seed=3)
+    a64 = [np.array(a).astype(np.float64) for a in (x, w_in, b_in, w_out)]
+    y, rows, _ = ext.fff_forward(x, w_in, b_in, w_out, 1, 11)
+    keep = ~excused(*a64[:3], 1, 11, EPS_COND)
+    truth = ref_fff.fff_descent(*a64, 1, 11)
+    assert keep.mean() > 0.9
+    assert_close_on(np.array(y), truth, keep, 1e-5 * (1 + np.abs(truth).max()), "released size")
+
+
+def test_exact_zero_logit_goes_left():
+    H = 8
+    x = np.random.default_rng(0).normal(size=(4, H))
+    w_in = np.ones((7, H))
+    w_in[0] = 0.0
+    args = [mx.array(a.astype(np.float32)) for a in (x, w_in, np.zeros(7), np.eye(H, 7))]
+    _, rows, z = ext.fff_forward(*args, 1, 2)
+    assert (np.array(z)[:, 0, 0] == 0).all() and (np.array(rows)[:, 0, 1] == 1).all()
+
+
+def test_compile_and_model_path():
+    x, w_in, b_in, w_out, _ = _layer(10, 32, 1, 3)
+    f = lambda *a: mlx_fff.fff_conditional(*a, 1, 3, backend="cpu")
+    np.testing.assert_array_equal(np.array(mx.compile(f)(x, w_in, b_in, w_out)), np.array(f(x, w_in, b_in, w_out)))
+    # The model picks the primitive by default on a CPU stream.
+    assert backend.resolve("auto") == "cpu"
+
+
+def test_gelu_primitive_is_exact_erf_to_a_few_ulp():
+    z = np.concatenate([np.random.default_rng(1).normal(size=20000) * 4, np.linspace(-13, 13, 4001)]).astype(np.float32)
+    z64 = z.astype(np.float64)
+    truth = 0.5 * z64 * np.array([math.erfc(-v / math.sqrt(2)) for v in z64])
+    got = np.array(ext.gelu(mx.array(z))).astype(np.float64)
+    tiny = np.abs(truth) < 1e-30  # float32 subnormals: absolute error only
+    ulp = np.abs(got - truth)[~tiny] / np.spacing(np.abs(truth[~tiny]).astype(np.float32))
+    # Measured 6 ulp at most (the erfc tail's exp split); 16 leaves room for other CPUs' FMA.
+    assert ulp.max() <= 16
+    assert np.abs(got - truth)[tiny].max() < 1e-30  # below exp's float32 range: 0 or subnormal
+    dz = np.array(mx.grad(lambda a: ext.gelu(a).sum())(mx.array(z))).astype(np.float64)
+    dtruth = 0.5 * np.array([math.erfc(-v / math.sqrt(2)) for v in z64]) + z64 * np.exp(-0.5 * z64**2) / math.sqrt(2 * math.pi)
+    assert np.abs(dz - dtruth).max() < 1e-6  # gelu' crosses 0 near z = -0.75: absolute
+
+
+def test_mismatched_build_is_refused_in_one_line(monkeypatch):
+    assert cpu_kernels.version_mismatch("0.32.4", "0.32.4") is None
+    msg = cpu_kernels.version_mismatch("0.32.3", "0.32.4")
+    assert "0.32.3" in msg and "0.32.4" in msg and "\n" not in msg
+
+    class WrongAbi:
+        @staticmethod
+        def gelu(x):
+            raise TypeError("gelu(): incompatible function arguments. The following argument types are supported:\n ...")
+
+    msg = cpu_kernels._probe(WrongAbi)
+    assert "nanobind" in msg and "\n" not in msg
+    monkeypatch.setattr(cpu_kernels, "_load", lambda: (None, msg))
+    with pytest.raises(UFBError, match="backend 'cpu' is not available: .*nanobind"):
+        backend.resolve("cpu")
+    assert backend.resolve("auto") == "ops"
