@@ -38,15 +38,16 @@ class ModelArgs:
     source: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, params: dict) -> "ModelArgs":
+    def from_dict(cls, params: dict, where: str = "config.json") -> "ModelArgs":
+        """``where`` names the source in error messages."""
         if "arch" in params:
             return from_hub_config(params)
         names = inspect.signature(cls).parameters
         missing = [k for k, p in names.items() if p.default is inspect.Parameter.empty and k not in params]
         if missing:
-            raise UFBError(f"config.json: missing key '{missing[0]}'")
+            raise UFBError(f"{where}: missing key '{missing[0]}'")
         args = cls(**{k: v for k, v in params.items() if k in names})
-        args.validate()
+        args.validate(where)
         return args
 
     def to_dict(self) -> dict:
