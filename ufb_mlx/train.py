@@ -520,10 +520,11 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
             break
         except UFBError as e:
             errors.append(str(e))
-            if world.main:  # the newer, broken one is replaced when the run saves that step again
-                print(f"warning: {e}; trying an older checkpoint", file=sys.stderr, flush=True)
     else:
         raise UFBError(f"--resume: no readable checkpoint in '{Path(out) / CHECKPOINTS}' ({errors[0]})")
+    if errors and world.main:  # the broken ones are replaced when the run saves those steps again
+        print(f"warning: skipped {len(errors)} unreadable checkpoint{'s' if len(errors) > 1 else ''} "
+              f"({errors[0]}); resuming from the older {path.name}", file=sys.stderr, flush=True)
     checkpoint = path
     check_resume(state.get("run", {}), run_cfg)
     logger.truncate_after(state["step"])
