@@ -42,6 +42,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ufb_ref import fsio
+from ufb_ref.fsio import atomic_write_text
 from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, expected_shapes
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
@@ -323,36 +324,15 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
 # Files
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
     mx.save_safetensors(str(path), arrays, metadata=metadata or {})
-    _fsync(path)
+    fsio.fsync(path)
     SafetensorsFile(path)  # MLX does not report a failed write (a full disk): the header and size tell
 
 
 def atomic_save_arrays(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    _save_arrays(tmp, arrays, {"format": "mlx"})
-    os.replace(tmp, path)
+    with fsio.atomic_file(path) as tmp:
+        _save_arrays(tmp, arrays, {"format": "mlx"})
 
 
 def model_arrays(model) -> dict:
@@ -397,12 +377,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     _save_arrays(tmp / WEIGHTS_FILE, model_arrays(model))
     _save_arrays(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
     (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
-    _fsync(tmp / STATE_FILE)
-    _fsync(tmp)
+    fsio.fsync(tmp / STATE_FILE)
+    fsio.fsync(tmp)
     if final.exists():  # a resumed run saving the same step again
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsio.fsync(root)
     for _, old in list_checkpoints(out)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

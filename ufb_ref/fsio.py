@@ -43,7 +43,7 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or type(e).__name__}{where}"
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush a file or a folder (the rename of an entry lives in its folder) to disk;
     best effort: some file systems refuse fsync on folders."""
     try:
@@ -71,14 +71,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_name(path, "tmp")
     try:
         yield tmp
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except OSError as e:
         raise UFBError(f"cannot write '{path}': {describe_os_error(e)}") from e
     finally:
         if tmp.exists():
             tmp.unlink(missing_ok=True)
-    _fsync(path.parent)
+    fsync(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -142,15 +142,15 @@ def atomic_folder(dest: str | os.PathLike, replace: bool = False, mark: bool = F
             (tmp / MARKER).write_text(json.dumps({"written_by": "ultrafastbert-mlx", "kind": "model",
                                                   "files": files}, indent=2) + "\n")
         for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
+            fsync(p)
+        fsync(tmp)
         if dest.exists() or dest.is_symlink():
             if not replace:
                 raise UFBError(f"'{dest}' exists")
             old = _temp_name(dest, "old")
             os.rename(dest, old)
         os.rename(tmp, dest)
-        _fsync(dest.parent)
+        fsync(dest.parent)
     except OSError as e:
         if old is not None and not dest.exists():  # put the old folder back
             os.rename(old, dest)
