@@ -219,6 +219,9 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     if not folder.name or folder.name in (".", ".."):
         folder = folder.resolve()
     lock_path = folder.with_name(f".{folder.name}.lock")
+    above = next((p for p in folder.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UFBError(f"cannot write '{folder}': '{above}' is a file, not a folder")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(lock_path))
