@@ -175,6 +175,17 @@ def test_template_ids_beyond_the_vocabulary_are_refused_when_encoding(tmp_path):
         tok("the river")
 
 
+def test_template_naming_an_undefined_special_token_is_refused_at_load(tmp_path):
+    """Found by the fuzz suite: `tokenizers` loads such a file, then panics (a Rust
+    backtrace on stderr) on the first text it encodes."""
+    src = copy_golden(tmp_path)
+    _set_tokenizer(src, lambda t: t["post_processor"]["special_tokens"].pop("<sep>"))
+    needle = "the post-processor's single template uses special token '<sep>', which it does not define"
+    assert_one_line_error(convert_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), needle)
+    with pytest.raises(UFBError, match="which it does not define"):
+        ufb_ref.load(src)
+
+
 @pytest.mark.parametrize("bad", [899, -1, 10**9, 2**40])
 def test_mlx_model_checks_token_ids_like_the_reference(bad):
     model, _ = ufb_mlx.load(MLM)

@@ -31,6 +31,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise UFBError(f"{path}: no tokenizer.json in the model folder")
+        _check_template(path)
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
@@ -46,6 +47,7 @@ class Tokenizer:
             raise UFBError(f"{path}: tokenizer has no '{missing[0]}' token")
         self.special_ids = {n: i for n, i in ids.items() if i is not None}
         self.model_vocab_size = vocab_size
+        self._encode("a", "b")  # a template naming tokens it does not define fails here, not later
         if vocab_size is not None:
             vocab = self._tok.get_vocab(with_added_tokens=True)
             token, top = max(vocab.items(), key=lambda kv: kv[1], default=("", -1))
@@ -83,7 +85,7 @@ class Tokenizer:
         text = _MASK_ALIASES.sub(self.mask_token, text)
         if text_pair is not None:
             text_pair = _MASK_ALIASES.sub(self.mask_token, text_pair)
-        ids = self._tok.encode(text, text_pair).ids
+        ids = self._encode(text, text_pair)
         if self.max_length is not None and len(ids) > self.max_length:
             raise UFBError(f"text is {len(ids)} tokens long, more than the model's max_seq_length "
                            f"{self.max_length}: {text[:40]!r}...")
@@ -92,6 +94,15 @@ class Tokenizer:
             raise UFBError(f"{self.path}: the tokenizer emitted id {max(ids)}, outside the model's "
                            f"vocabulary (vocab_size {self.model_vocab_size})")
         return ids
+
+    def _encode(self, text: str, text_pair: str | None = None) -> list[int]:
+        try:
+            return self._tok.encode(text, text_pair).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a broken tokenizer.json makes the Rust side panic (PanicException)
+            first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise UFBError(f"{self.path}: the tokenizer failed ({first}); its tokenizer.json is broken") from None
 
     def __call__(self, texts, text_pairs=None) -> dict[str, np.ndarray]:
         """Batch encode, right-padded with ``<pad>``: {input_ids, attention_mask} (int64)."""
@@ -115,6 +126,30 @@ class Tokenizer:
 
     def tokens(self, text: str) -> list[str]:
         return [self.id_to_token(i) for i in self.encode(text)]
+
+
+def _check_template(path: Path) -> None:
+    """A TemplateProcessing post-processor must define every special token its templates
+    use: `tokenizers` loads one that does not, then panics (printing a Rust backtrace) on the
+    first text it encodes."""
+    from .checkpoint import read_json_object
+
+    proc = read_json_object(path).get("post_processor")
+    procs = proc.get("processors", []) if isinstance(proc, dict) and proc.get("type") == "Sequence" else [proc]
+    for proc in procs:
+        if not isinstance(proc, dict) or proc.get("type") != "TemplateProcessing":
+            continue
+        defined = proc.get("special_tokens")
+        defined = defined if isinstance(defined, dict) else {}
+        for which in ("single", "pair"):
+            for piece in proc.get(which) or []:
+                special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+                name = special.get("id") if isinstance(special, dict) else None
+                entry = defined.get(name) if isinstance(name, str) else None
+                if special is not None and not (isinstance(entry, dict) and isinstance(entry.get("ids"), list)
+                                                and entry["ids"]):
+                    raise UFBError(f"{path}: the post-processor's {which} template uses special token "
+                                   f"{str(name)[:40]!r}, which it does not define")
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
