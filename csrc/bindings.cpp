@@ -4,6 +4,7 @@
 #include <nanobind/stl/variant.h>
 #include <nanobind/stl/vector.h>
 
+#include "attention_cpu.h"
 #include "fff_cpu.h"
 #include "kernels.h"
 #include "mlx/transforms.h"
@@ -24,6 +25,8 @@ NB_MODULE(_ext, m) {
   m.def("fff_forward", &ufb::fff_forward, "x"_a, "w_in"_a, "b_in"_a, "w_out"_a, "trees"_a, "depth"_a,
         nb::kw_only(), "stream"_a = nb::none(),
         "Conditional FFF forward: [y, rows, z]. See csrc/fff_cpu.h.");
+  m.def("attention", &ufb::attention, "qkv"_a, "mask"_a, "heads"_a, "scale"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "Fused softmax attention: [out, lse]. See csrc/attention_cpu.h.");
   m.def("gelu", &ufb::gelu, "x"_a, nb::kw_only(), "stream"_a = nb::none(), "Exact-erf GELU (vectorised, CPU).");
   m.def("isa", [] { return std::string(ufb::table().isa); }, "Instruction set of the kernels in use.");
   m.def("isas", [] {

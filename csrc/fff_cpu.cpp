@@ -9,6 +9,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "dense.h"
 #include "kernels.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "threads.h"
@@ -95,8 +96,9 @@ void check_inputs(const mx::array& x, const mx::array& w_in, const mx::array& b_
   if (R * H >= (int64_t(1) << 62)) throw std::invalid_argument("[ufb.fff_forward] weights too large");
 }
 
-// Tokens per parallel task: enough work to amortise a task, small enough to balance.
-constexpr int64_t TOKENS_PER_TASK = 16;
+// Tokens per parallel task: one forward block (kernels_impl.h), and enough work to
+// amortise waking a thread.
+constexpr int64_t TOKENS_PER_TASK = 64;
 
 void alloc(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
 
@@ -326,35 +328,9 @@ void elementwise(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& 
   for (auto& in : inputs) enc.set_input_array(in);
   enc.set_output_array(out);
   enc.dispatch([inputs, out_p = out.data<float>(), n = int64_t(out.size()), f]() {
-    std::vector<std::vector<char>> scratch(inputs.size());
+    std::vector<std::vector<float>> scratch(inputs.size());
     std::vector<const float*> ptrs;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      const auto& in = inputs[i];
-      if (in.flags().row_contiguous) {
-        ptrs.push_back(in.data<float>());
-      } else if (in.data_size() == 1) {  // a broadcast scalar (e.g. the cotangent of a sum)
-        scratch[i].resize(size_t(n) * sizeof(float));
-        float* d = reinterpret_cast<float*>(scratch[i].data());
-        std::fill(d, d + n, *in.data<float>());
-        ptrs.push_back(d);
-      } else {
-        // Rare (a strided view): gather into a dense buffer, element by element.
-        scratch[i].resize(size_t(n) * sizeof(float));
-        float* d = reinterpret_cast<float*>(scratch[i].data());
-        const auto& shape = in.shape();
-        const auto& strides = in.strides();
-        const float* src = in.data<float>();
-        for (int64_t e = 0; e < n; ++e) {
-          int64_t rem = e, off = 0;
-          for (int ax = int(shape.size()) - 1; ax >= 0; --ax) {
-            off += (rem % shape[ax]) * strides[ax];
-            rem /= shape[ax];
-          }
-          d[e] = src[off];
-        }
-        ptrs.push_back(d);
-      }
-    }
+    for (size_t i = 0; i < inputs.size(); ++i) ptrs.push_back(row_major_f32(inputs[i], scratch[i]));
     const int64_t tasks = (n + ELEMS_PER_TASK - 1) / ELEMS_PER_TASK;
     parallel_for(tasks, num_threads(), [&](int64_t i) {
       const int64_t b = i * ELEMS_PER_TASK, e = std::min(n, b + ELEMS_PER_TASK);

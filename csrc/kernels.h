@@ -53,6 +53,23 @@ struct BackwardArgs {
   int P, D;
 };
 
+// Softmax attention of one (batch, head) pair, reading q, k, v straight from the fused
+// projection's output: qkv (B, S, 3 * heads * dh) with head h's q, k, v in columns
+// [3 dh h, 3 dh h + dh), [.. + dh, .. + 2 dh), [.. + 2 dh, .. + 3 dh) (the checkpoint's
+// per-head interleaved layout); out (B, S, heads * dh) head-major; lse (B, heads, S) the
+// log-sum-exp of each query row's scores; mask (B, S) additive on the keys, or null.
+struct AttnArgs {
+  const float* qkv;
+  const float* mask;
+  float* out;
+  float* lse;
+  // backward only
+  const float* dout;   // (B, S, heads * dh)
+  float* dqkv;         // (B, S, 3 * heads * dh)
+  int64_t B, S, heads, dh;
+  float scale;
+};
+
 struct KernelTable {
   const char* isa;
   // Tokens [t0, t1): descent, y, rows and z.
@@ -65,8 +82,10 @@ struct KernelTable {
   // y = gelu(x) elementwise, n values (float32); and its backward dx = dy * gelu'(x).
   void (*gelu)(const float* x, float* y, int64_t n);
   void (*gelu_vjp)(const float* x, const float* dy, float* dx, int64_t n);
-  // Softmax over rows of length n, scale applied to x first; y may alias x.
-  void (*softmax_rows)(const float* x, float* y, int64_t rows, int64_t n, float scale);
+  // Attention of pair (b, h): out and lse (forward), or dqkv (backward, from dout, out,
+  // lse), for that head's columns.
+  void (*attention_forward)(const AttnArgs&, int64_t b, int64_t h);
+  void (*attention_backward)(const AttnArgs&, int64_t b, int64_t h);
 };
 
 // The best table this CPU supports (UFB_CPU_ISA=generic|avx2|avx512 forces one).

@@ -144,11 +144,9 @@ template <> struct Elem<DType::bf16> {
   }
 };
 
-static inline vf splat(float a) {
-  vf v;
-  for (int i = 0; i < VW; ++i) v[i] = a;
-  return v;
-}
+// Written as vector - scalar so the compiler emits one broadcast (a lane-by-lane loop here
+// became 16 masked inserts under AVX-512). a - 0 is exactly a, -0 included.
+static inline vf splat(float a) { return a - vf{}; }
 
 static inline float hsum(vf v) {
   float s = 0.0f;
@@ -215,11 +213,44 @@ static inline float gelu_grad1(float z) {
 }
 
 // ---------------------------------------------------------------------------------------
-// FFF forward. Tokens are independent; a block of G tokens descends level by level
-// together, so G weight rows (one per token) are in flight at once instead of one
-// dependent chain of loads per token.
+// FFF forward. A block of up to B tokens descends level by level together (their x rows
+// and accumulators stay in L2). At each level the block's tokens are ordered by the node
+// they visit, so tokens that share a node read its weight rows back to back from L1 (at
+// the top levels every token shares a few rows: each is fetched once per block instead of
+// once per token), and four visits at a time are computed side by side, which keeps four
+// independent loads of weight rows in flight.
 
-constexpr int G = 4;
+constexpr int64_t B = 64;  // tokens per block
+
+// z[j] = dot(x_j, w_j) for four (x, w) row pairs at once.
+template <DType W>
+static inline void dot4(const float* const* x, const typename Elem<W>::type* const* w, int64_t n, float* z) {
+  vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+  int64_t i = 0;
+  for (; i + 2 * VW <= n; i += 2 * VW) {
+    a0 += Elem<DType::f32>::load(x[0] + i) * Elem<W>::load(w[0] + i);
+    a1 += Elem<DType::f32>::load(x[1] + i) * Elem<W>::load(w[1] + i);
+    a2 += Elem<DType::f32>::load(x[2] + i) * Elem<W>::load(w[2] + i);
+    a3 += Elem<DType::f32>::load(x[3] + i) * Elem<W>::load(w[3] + i);
+    c0 += Elem<DType::f32>::load(x[0] + i + VW) * Elem<W>::load(w[0] + i + VW);
+    c1 += Elem<DType::f32>::load(x[1] + i + VW) * Elem<W>::load(w[1] + i + VW);
+    c2 += Elem<DType::f32>::load(x[2] + i + VW) * Elem<W>::load(w[2] + i + VW);
+    c3 += Elem<DType::f32>::load(x[3] + i + VW) * Elem<W>::load(w[3] + i + VW);
+  }
+  for (; i + VW <= n; i += VW) {
+    a0 += Elem<DType::f32>::load(x[0] + i) * Elem<W>::load(w[0] + i);
+    a1 += Elem<DType::f32>::load(x[1] + i) * Elem<W>::load(w[1] + i);
+    a2 += Elem<DType::f32>::load(x[2] + i) * Elem<W>::load(w[2] + i);
+    a3 += Elem<DType::f32>::load(x[3] + i) * Elem<W>::load(w[3] + i);
+  }
+  z[0] = hsum(a0 + c0);
+  z[1] = hsum(a1 + c1);
+  z[2] = hsum(a2 + c2);
+  z[3] = hsum(a3 + c3);
+  for (; i < n; ++i) {
+    for (int j = 0; j < 4; ++j) z[j] += x[j][i] * Elem<W>::get(w[j], i);
+  }
+}
 
 template <DType X, DType W>
 static void forward_block(const ForwardArgs& a, int64_t t0, int64_t nt, float* xf, float* acc) {
@@ -237,21 +268,43 @@ static void forward_block(const ForwardArgs& a, int64_t t0, int64_t nt, float* x
     widen<X>(x + (t0 + g) * H, xf + g * H, H);
     memset(acc + g * H, 0, sizeof(float) * H);
   }
+  int64_t node[B], order[B];
   for (int k = 0; k < a.P; ++k) {
-    int64_t node[G] = {0, 0, 0, 0};
+    for (int64_t g = 0; g < nt; ++g) {
+      node[g] = 0;
+      order[g] = g;
+    }
     for (int level = 0; level < L; ++level) {
-      float zv[G];
-      for (int64_t g = 0; g < nt; ++g) {
-        const int64_t r = k * N + node[g];
-        zv[g] = dot<W>(xf + g * H, w_in + r * H, H) + Elem<W>::get(b_in, r);
+      // Order by node. Tokens were ordered by the parent, and children of a smaller
+      // parent are smaller, so this insertion sort only swaps within sibling groups.
+      for (int64_t i = 1; i < nt; ++i) {
+        const int64_t o = order[i];
+        int64_t j = i;
+        for (; j > 0 && node[order[j - 1]] > node[o]; --j) order[j] = order[j - 1];
+        order[j] = o;
       }
-      for (int64_t g = 0; g < nt; ++g) {
-        const int64_t r = k * N + node[g];
-        axpy<W>(gelu1(zv[g]), w_out + r * H, acc + g * H, H);
-        const int64_t slot = ((t0 + g) * a.P + k) * L + level;
-        a.rows[slot] = int32_t(r);
-        a.z[slot] = zv[g];
-        node[g] = 2 * node[g] + (zv[g] > 0.0f ? 2 : 1);  // strictly positive goes right
+      for (int64_t i = 0; i < nt; i += 4) {
+        const int64_t m = nt - i < 4 ? nt - i : 4;
+        const float* xs[4];
+        const wtype* ws[4];
+        int64_t g4[4];
+        float zv[4];
+        for (int j = 0; j < 4; ++j) {  // a short last group repeats its first visit
+          g4[j] = order[i + (j < m ? j : 0)];
+          xs[j] = xf + g4[j] * H;
+          ws[j] = w_in + (k * N + node[g4[j]]) * H;
+        }
+        dot4<W>(xs, ws, H, zv);
+        for (int j = 0; j < m; ++j) {
+          const int64_t g = g4[j];
+          const int64_t r = k * N + node[g];
+          const float z = zv[j] + Elem<W>::get(b_in, r);
+          axpy<W>(gelu1(z), w_out + r * H, acc + g * H, H);
+          const int64_t slot = ((t0 + g) * a.P + k) * L + level;
+          a.rows[slot] = int32_t(r);
+          a.z[slot] = z;
+          node[g] = 2 * node[g] + (z > 0.0f ? 2 : 1);  // strictly positive goes right
+        }
       }
     }
   }
@@ -260,10 +313,11 @@ static void forward_block(const ForwardArgs& a, int64_t t0, int64_t nt, float* x
 
 template <DType X, DType W>
 static void forward_range(const ForwardArgs& a, int64_t t0, int64_t t1) {
-  float* buf = new float[2 * G * a.H];
-  for (int64_t t = t0; t < t1; t += G) {
-    const int64_t nt = t1 - t < G ? t1 - t : G;
-    forward_block<X, W>(a, t, nt, buf, buf + G * a.H);
+  const int64_t nb = t1 - t0 < B ? t1 - t0 : B;
+  float* buf = new float[2 * nb * a.H];
+  for (int64_t t = t0; t < t1; t += B) {
+    const int64_t nt = t1 - t < B ? t1 - t : B;
+    forward_block<X, W>(a, t, nt, buf, buf + nb * a.H);
   }
   delete[] buf;
 }
@@ -486,37 +540,221 @@ static void gelu_vjp_loop(const float* x, const float* dy, float* dx, int64_t n)
   }
 }
 
-static void softmax_loop(const float* x, float* y, int64_t rows, int64_t n, float scale) {
-  float pad[VW];
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * n;
-    float* yr = y + r * n;
-    float m = -INFINITY;
-    for (int64_t i = 0; i < n; ++i) m = xr[i] > m ? xr[i] : m;
-    m *= scale;
-    vf sum = splat(0.0f);
-    int64_t i = 0;
-    for (; i + VW <= n; i += VW) {
-      vf e = vexp(Elem<DType::f32>::load(xr + i) * splat(scale) - splat(m));
-      sum += e;
-      memcpy(yr + i, &e, VB);
+// ---------------------------------------------------------------------------------------
+// Attention of one (batch, head): blocks of RB = 4 query rows against all keys, with the
+// head's K^T and V packed once into zero-padded local buffers (columns padded to a
+// multiple of 2 vectors, head size to a multiple of a vector) so the inner loops are
+// whole vectors. Scores, softmax and P V stay in float32 in a 4-row strip that fits L1.
+
+constexpr int64_t RB = 4;
+
+static inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// s[r][j] = scale * sum_d q[r][d] kt[d][j], r < 4, j < Sp (Sp a multiple of 2 vectors).
+static void rows_dot_cols(const float* const* q, const float* kt, int64_t dh, int64_t Sp, float scale, float* s) {
+  for (int64_t c = 0; c < Sp; c += 2 * VW) {
+    vf a0 = splat(0.0f), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+    for (int64_t d = 0; d < dh; ++d) {
+      const vf k0 = Elem<DType::f32>::load(kt + d * Sp + c);
+      const vf k1 = Elem<DType::f32>::load(kt + d * Sp + c + VW);
+      const vf q0 = splat(q[0][d]), q1 = splat(q[1][d]), q2 = splat(q[2][d]), q3 = splat(q[3][d]);
+      a0 += q0 * k0; a1 += q0 * k1;
+      b0 += q1 * k0; b1 += q1 * k1;
+      c0 += q2 * k0; c1 += q2 * k1;
+      d0 += q3 * k0; d1 += q3 * k1;
     }
-    float s = hsum(sum);
-    if (i < n) {
-      for (int j = 0; j < VW; ++j) pad[j] = i + j < n ? xr[i + j] * scale - m : -INFINITY;
-      vf e = vexp(Elem<DType::f32>::load(pad));
-      for (int64_t j = i; j < n; ++j) {
-        yr[j] = e[j - i];
-        s += e[j - i];
-      }
-    }
-    const vf inv = splat(1.0f / s);
-    for (i = 0; i + VW <= n; i += VW) {
-      vf e = Elem<DType::f32>::load(yr + i) * inv;
-      memcpy(yr + i, &e, VB);
-    }
-    for (; i < n; ++i) yr[i] *= inv[0];
+    const vf sc = splat(scale);
+    a0 *= sc; a1 *= sc; b0 *= sc; b1 *= sc; c0 *= sc; c1 *= sc; d0 *= sc; d1 *= sc;
+    memcpy(s + 0 * Sp + c, &a0, VB); memcpy(s + 0 * Sp + c + VW, &a1, VB);
+    memcpy(s + 1 * Sp + c, &b0, VB); memcpy(s + 1 * Sp + c + VW, &b1, VB);
+    memcpy(s + 2 * Sp + c, &c0, VB); memcpy(s + 2 * Sp + c + VW, &c1, VB);
+    memcpy(s + 3 * Sp + c, &d0, VB); memcpy(s + 3 * Sp + c + VW, &d1, VB);
   }
+}
+
+// o[r][:] = sum_{j < S} p[r][j] m[j][:], r < 4, rows of m and o dhp wide (multiple of VW).
+static void coef_times_rows(const float* p, int64_t Sp, const float* m, int64_t S, int64_t dhp, float* o) {
+  for (int64_t c = 0; c < dhp; c += VW) {
+    vf a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t j = 0; j < S; ++j) {
+      const vf v = Elem<DType::f32>::load(m + j * dhp + c);
+      a0 += splat(p[0 * Sp + j]) * v;
+      a1 += splat(p[1 * Sp + j]) * v;
+      a2 += splat(p[2 * Sp + j]) * v;
+      a3 += splat(p[3 * Sp + j]) * v;
+    }
+    memcpy(o + 0 * dhp + c, &a0, VB);
+    memcpy(o + 1 * dhp + c, &a1, VB);
+    memcpy(o + 2 * dhp + c, &a2, VB);
+    memcpy(o + 3 * dhp + c, &a3, VB);
+  }
+}
+
+// acc[j][:] += sum_r p[r][j] rows[r][:] for j < S (rows dhp wide).
+static void rank4_update(const float* p, int64_t Sp, const float* const* rows, int64_t S, int64_t dhp, float* acc) {
+  for (int64_t c = 0; c < dhp; c += VW) {
+    const vf r0 = Elem<DType::f32>::load(rows[0] + c), r1 = Elem<DType::f32>::load(rows[1] + c);
+    const vf r2 = Elem<DType::f32>::load(rows[2] + c), r3 = Elem<DType::f32>::load(rows[3] + c);
+    for (int64_t j = 0; j < S; ++j) {
+      vf a = Elem<DType::f32>::load(acc + j * dhp + c);
+      a += splat(p[0 * Sp + j]) * r0 + splat(p[1 * Sp + j]) * r1 + splat(p[2 * Sp + j]) * r2 + splat(p[3 * Sp + j]) * r3;
+      memcpy(acc + j * dhp + c, &a, VB);
+    }
+  }
+}
+
+struct HeadView {
+  const float* base;  // qkv + b * S * ld
+  int64_t ld;         // 3 * heads * dh
+  int64_t q0, k0, v0; // column offsets of this head's q, k, v
+};
+
+// Packs: kt (dh, Sp) = K^T zero-padded; rowsT (S, dhp) of column block `col` zero-padded.
+static void pack_transposed(const HeadView& hv, int64_t col, int64_t S, int64_t dh, int64_t Sp, float* kt) {
+  for (int64_t d = 0; d < dh; ++d) {
+    for (int64_t j = 0; j < S; ++j) kt[d * Sp + j] = hv.base[j * hv.ld + col + d];
+    for (int64_t j = S; j < Sp; ++j) kt[d * Sp + j] = 0.0f;
+  }
+}
+static void pack_rows(const float* base, int64_t ld, int64_t col, int64_t S, int64_t dh, int64_t dhp, float* out) {
+  for (int64_t j = 0; j < S; ++j) {
+    memcpy(out + j * dhp, base + j * ld + col, sizeof(float) * dh);
+    for (int64_t d = dh; d < dhp; ++d) out[j * dhp + d] = 0.0f;
+  }
+}
+
+// Row r of the 4-row strip: scores + mask (padding columns -inf), then either the
+// softmax (returning its log-sum-exp) or, given the lse, the probabilities again.
+static float softmax_strip_row(float* s, int64_t S, int64_t Sp, const float* mask, const float* lse_in) {
+  for (int64_t j = S; j < Sp; ++j) s[j] = -INFINITY;
+  int64_t j = 0;
+  if (mask) {
+    for (; j + VW <= S; j += VW) {
+      vf v = Elem<DType::f32>::load(s + j) + Elem<DType::f32>::load(mask + j);
+      memcpy(s + j, &v, VB);
+    }
+    for (; j < S; ++j) s[j] += mask[j];
+  }
+  float m;
+  if (lse_in) {
+    m = *lse_in;
+  } else {
+    vf mv = splat(-INFINITY);
+    for (j = 0; j < Sp; j += VW) {
+      const vf v = Elem<DType::f32>::load(s + j);
+      mv = vselect(v > mv, v, mv);
+    }
+    m = mv[0];
+    for (int i = 1; i < VW; ++i) m = mv[i] > m ? mv[i] : m;
+  }
+  vf sum = splat(0.0f);
+  const vf mm = splat(m);
+  for (j = 0; j < Sp; j += VW) {
+    vf e = vexp(Elem<DType::f32>::load(s + j) - mm);
+    sum += e;
+    memcpy(s + j, &e, VB);
+  }
+  if (lse_in) return *lse_in;
+  const float total = hsum(sum);
+  const vf inv = splat(1.0f / total);
+  for (j = 0; j < Sp; j += VW) {
+    vf e = Elem<DType::f32>::load(s + j) * inv;
+    memcpy(s + j, &e, VB);
+  }
+  return m + logf(total);
+}
+
+static HeadView head_view(const AttnArgs& a, int64_t b, int64_t h) {
+  const int64_t ld = 3 * a.heads * a.dh;
+  return {a.qkv + b * a.S * ld, ld, 3 * a.dh * h, 3 * a.dh * h + a.dh, 3 * a.dh * h + 2 * a.dh};
+}
+
+static void attention_forward(const AttnArgs& a, int64_t b, int64_t h) {
+  const int64_t S = a.S, dh = a.dh, Sp = round_up(S, 2 * VW), dhp = round_up(dh, VW);
+  const HeadView hv = head_view(a, b, h);
+  float* buf = new float[dh * Sp + S * dhp + RB * Sp + RB * dhp];
+  float *kt = buf, *v = kt + dh * Sp, *s = v + S * dhp, *o = s + RB * Sp;
+  pack_transposed(hv, hv.k0, S, dh, Sp, kt);
+  pack_rows(hv.base, hv.ld, hv.v0, S, dh, dhp, v);
+  const float* mask = a.mask ? a.mask + b * S : nullptr;
+  const int64_t H = a.heads * dh;
+  for (int64_t i0 = 0; i0 < S; i0 += RB) {
+    const int64_t nr = S - i0 < RB ? S - i0 : RB;
+    const float* q[RB];
+    for (int64_t r = 0; r < RB; ++r) q[r] = hv.base + (i0 + (r < nr ? r : 0)) * hv.ld + hv.q0;
+    rows_dot_cols(q, kt, dh, Sp, a.scale, s);
+    for (int64_t r = 0; r < nr; ++r) a.lse[(b * a.heads + h) * S + i0 + r] = softmax_strip_row(s + r * Sp, S, Sp, mask, nullptr);
+    for (int64_t r = nr; r < RB; ++r) memset(s + r * Sp, 0, sizeof(float) * Sp);
+    coef_times_rows(s, Sp, v, S, dhp, o);
+    for (int64_t r = 0; r < nr; ++r) memcpy(a.out + (b * S + i0 + r) * H + h * dh, o + r * dhp, sizeof(float) * dh);
+  }
+  delete[] buf;
+}
+
+// dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)), dQ = scale dS K, dK = scale dS^T Q.
+static void attention_backward(const AttnArgs& a, int64_t b, int64_t h) {
+  const int64_t S = a.S, dh = a.dh, Sp = round_up(S, 2 * VW), dhp = round_up(dh, VW);
+  const int64_t H = a.heads * dh;
+  const HeadView hv = head_view(a, b, h);
+  const int64_t n = 2 * dh * Sp + 5 * S * dhp + 2 * RB * Sp + RB * dhp + S;
+  float* buf = new float[n];
+  float *kt = buf, *vt = kt + dh * Sp, *q = vt + dh * Sp, *k = q + S * dhp, *dO = k + S * dhp;
+  float *dk = dO + S * dhp, *dv = dk + S * dhp, *p = dv + S * dhp, *ds = p + RB * Sp, *o = ds + RB * Sp;
+  float* D = o + RB * dhp;
+  pack_transposed(hv, hv.k0, S, dh, Sp, kt);
+  pack_transposed(hv, hv.v0, S, dh, Sp, vt);
+  pack_rows(hv.base, hv.ld, hv.q0, S, dh, dhp, q);
+  pack_rows(hv.base, hv.ld, hv.k0, S, dh, dhp, k);
+  const float* dout_b = a.dout + b * S * H;
+  const float* out_b = a.out + b * S * H;
+  pack_rows(dout_b, H, h * dh, S, dh, dhp, dO);
+  memset(dk, 0, sizeof(float) * S * dhp);
+  memset(dv, 0, sizeof(float) * S * dhp);
+  for (int64_t i = 0; i < S; ++i) {
+    float acc = 0.0f;
+    for (int64_t d = 0; d < dh; ++d) acc += dout_b[i * H + h * dh + d] * out_b[i * H + h * dh + d];
+    D[i] = acc;
+  }
+  const float* mask = a.mask ? a.mask + b * S : nullptr;
+  const float* lse = a.lse + (b * a.heads + h) * S;
+  const int64_t ldq = 3 * H;
+  float* dqkv_b = a.dqkv + b * S * ldq;
+  for (int64_t i0 = 0; i0 < S; i0 += RB) {
+    const int64_t nr = S - i0 < RB ? S - i0 : RB;
+    const float *qr[RB], *dor[RB];
+    for (int64_t r = 0; r < RB; ++r) {
+      const int64_t i = i0 + (r < nr ? r : 0);
+      qr[r] = q + i * dhp;
+      dor[r] = dO + i * dhp;
+    }
+    rows_dot_cols(qr, kt, dh, Sp, a.scale, p);
+    rows_dot_cols(dor, vt, dh, Sp, 1.0f, ds);
+    for (int64_t r = 0; r < RB; ++r) {
+      if (r >= nr) {  // duplicated rows of a short strip must contribute nothing
+        memset(p + r * Sp, 0, sizeof(float) * Sp);
+        memset(ds + r * Sp, 0, sizeof(float) * Sp);
+        continue;
+      }
+      softmax_strip_row(p + r * Sp, S, Sp, mask, lse + i0 + r);
+      const float Di = D[i0 + r];
+      for (int64_t j = 0; j < Sp; ++j) ds[r * Sp + j] = p[r * Sp + j] * (ds[r * Sp + j] - Di);
+    }
+    coef_times_rows(ds, Sp, k, S, dhp, o);  // dQ strip (unscaled)
+    for (int64_t r = 0; r < nr; ++r) {
+      float* dst = dqkv_b + (i0 + r) * ldq + hv.q0;
+      for (int64_t d = 0; d < dh; ++d) dst[d] = a.scale * o[r * dhp + d];
+    }
+    rank4_update(p, Sp, dor, S, dhp, dv);
+    rank4_update(ds, Sp, qr, S, dhp, dk);
+  }
+  for (int64_t j = 0; j < S; ++j) {
+    float* dst = dqkv_b + j * ldq;
+    for (int64_t d = 0; d < dh; ++d) {
+      dst[hv.k0 + d] = a.scale * dk[j * dhp + d];
+      dst[hv.v0 + d] = dv[j * dhp + d];
+    }
+  }
+  delete[] buf;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -549,7 +787,8 @@ static void backward_rows(const BackwardArgs& a, int64_t r, int64_t h0, int64_t 
 #define UFB_STR2(s) #s
 #define UFB_STR(s) UFB_STR2(s)
 extern const KernelTable kTable = {
-    UFB_STR(UFB_ISA), forward, backward_tokens, backward_rows, gelu_loop, gelu_vjp_loop, softmax_loop,
+    UFB_STR(UFB_ISA), forward, backward_tokens, backward_rows, gelu_loop, gelu_vjp_loop,
+    attention_forward, attention_backward,
 };
 #undef UFB_STR
 #undef UFB_STR2

@@ -1,29 +1,34 @@
-// fff_backward_tokens: per-token half of the FFF backward pass, one token per simdgroup.
+// fff_backward_tokens: per-token half of the FFF backward pass, G simdgroups per token.
 //
-// Launch: grid (32, T, 1), threadgroup (32, S, 1) with S = min(8, T), as fff_forward:
-//   the 32 threads along x are one simdgroup splitting H with stride 32; y is the token.
-// Template: H, P, D as compile-time ints (N = 2^(D+1) - 1 nodes per tree, L = D + 1).
+// Launch: grid (32*G, T, 1), threadgroup (32*G, S, 1), as fff_forward: the 32*G threads
+//   along x split H with stride 32*G; y is the token.
+// Template: H, P, D, G, TGS as fff_forward (N = 2^(D+1) - 1 nodes per tree, L = D + 1).
 // Inputs (row-contiguous): w_in (P*N, H) and w_out_t (P*N, H) any float dtype;
 //   rows (T, P, L) int32 and z (T, P, L) float from fff_forward; dy (T, H) any float.
 // Outputs, all float: dx (T, H); dz (T, P, L) = (dy . w_out_t[row]) * gelu'(z);
 //   act (T, P, L) = gelu(z), both consumed by fff_backward_rows.
-// float32: dy cached in registers, the dot products (simd_sum), gelu/gelu', and dx,
-//   which is accumulated in registers over the token's P*L visited rows and stored once.
-// No atomics: each simdgroup writes only its own token's outputs, so the result does
+// float32: dy cached in registers, the dot products (simd_sum, then the G simdgroup sums
+//   in simdgroup order as in fff_forward), gelu/gelu', and dx, which is accumulated in
+//   registers over the token's P*L visited rows and stored once.
+// No atomics: each token's threads write only that token's outputs, so the result does
 //   not depend on scheduling. The weight gradients, which many tokens share, are
 //   reduced per row by fff_backward_rows.
 
 constexpr uint L = uint(D) + 1u;
 constexpr uint VISITS = uint(P) * L;
-constexpr uint PER_LANE = (uint(H) + 31u) / 32u;
+constexpr uint LANES = 32u * uint(G);
+constexpr uint PER_LANE = (uint(H) + LANES - 1u) / LANES;
 
-const uint lane = thread_index_in_simdgroup;
+const uint lane = thread_position_in_threadgroup.x;
 const uint token = thread_position_in_grid.y;
+threadgroup float sums[2 * TGS];
+const uint sum_base = thread_position_in_threadgroup.y * uint(G);
+uint buf = 0;
 
 float g[PER_LANE];
 float acc[PER_LANE];
 for (uint j = 0; j < PER_LANE; ++j) {
-  const uint h = lane + 32u * j;
+  const uint h = lane + LANES * j;
   g[j] = h < uint(H) ? float(dy[token * uint(H) + h]) : 0.0f;
   acc[j] = 0.0f;
 }
@@ -34,14 +39,26 @@ for (uint v = 0; v < VISITS; ++v) {
   const float logit = z[slot];
   float part = 0.0f;
   for (uint j = 0; j < PER_LANE; ++j) {
-    const uint h = lane + 32u * j;
+    const uint h = lane + LANES * j;
     if (h < uint(H)) {
       part += g[j] * float(w_out_t[row * uint(H) + h]);
     }
   }
-  const float dlogit = simd_sum(part) * fff_gelu_grad(logit);
+  float dot = simd_sum(part);
+  if (G > 1) {
+    if (thread_index_in_simdgroup == 0) {
+      sums[buf * TGS + sum_base + lane / 32u] = dot;
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    dot = 0.0f;
+    for (uint s = 0; s < uint(G); ++s) {
+      dot += sums[buf * TGS + sum_base + s];
+    }
+    buf ^= 1u;
+  }
+  const float dlogit = dot * fff_gelu_grad(logit);
   for (uint j = 0; j < PER_LANE; ++j) {
-    const uint h = lane + 32u * j;
+    const uint h = lane + LANES * j;
     if (h < uint(H)) {
       acc[j] += dlogit * float(w_in[row * uint(H) + h]);
     }
@@ -53,7 +70,7 @@ for (uint v = 0; v < VISITS; ++v) {
 }
 
 for (uint j = 0; j < PER_LANE; ++j) {
-  const uint h = lane + 32u * j;
+  const uint h = lane + LANES * j;
   if (h < uint(H)) {
     dx[token * uint(H) + h] = acc[j];
   }

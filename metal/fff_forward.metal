@@ -1,33 +1,43 @@
-// fff_forward: fused hard descent of P trees of depth D, one token per simdgroup.
+// fff_forward: fused hard descent of P trees of depth D, G simdgroups per token.
 //
-// Launch: grid (32, T, 1), threadgroup (32, S, 1) with S = min(8, T). The 32 threads
-//   along x are one simdgroup (simdgroups are cut from the x-fastest thread index) and
-//   split H with stride 32, so every load below is coalesced; y of the grid is the
-//   token. Every launched thread owns a valid (token, lane): no bounds checks and
-//   the whole simdgroup always takes the same branch.
-// Template: YT = dtype of y (x's dtype); H, P, D as compile-time ints, so the loops
-//   unroll and the per-lane register arrays have fixed size (ceil(H/32) floats each).
+// Launch: grid (32*G, T, 1), threadgroup (32*G, S, 1) with G and S chosen from H by
+//   ufb_mlx/kernels.py (G = ceil(H / 1024), so each lane holds at most 32 values of a row
+//   in registers; S tokens per threadgroup, at most 256 threads). The 32*G threads along
+//   x split H with stride 32*G, so every load below is coalesced; y of the grid is the
+//   token. Simdgroups are cut from the x-fastest thread index, so each one belongs to
+//   a single token. Every launched thread owns a valid (token, lane): no bounds checks,
+//   and all threads of a threadgroup take the same branches (the barriers are uniform).
+// Template: YT = dtype of y (x's dtype); H, P, D, G as compile-time ints, so the loops
+//   unroll and the per-lane register arrays have fixed size (ceil(H / (32*G)) floats).
+//   TGS = simdgroups per threadgroup at most (sizes the cross-simdgroup scratch).
 // Inputs (row-contiguous, any float dtype, read through float()):
 //   x (T, H); w_in (P*N, H); b_in (P*N,); w_out_t (P*N, H) with N = 2^(D+1) - 1
 //   (w_out_t is linear_out.weight transposed, so a visited row is one contiguous read).
 // Outputs: y (T, H) in YT; rows (T, P, D+1) int32, the global row k*N + node visited
 //   at each level; z (T, P, D+1) float, its logit.
-// float32: x, the logit (per-lane partial dot, then simd_sum), GELU and the y
-//   accumulator, which stays in registers until the single store at the end.
+// float32: x, the logit (per-lane partial dot, simd_sum, then for G > 1 the G simdgroup
+//   sums added in simdgroup order through threadgroup memory: a fixed order, so the
+//   result does not depend on scheduling), GELU and the y accumulator, which stays in
+//   registers until the single store at the end.
 // Routing: node = 2*node + 1 + (z > 0): strictly positive goes right, z == 0 left.
 // Indices are 32-bit: the host checks T*H and P*N*H fit.
 
 constexpr uint N = (2u << D) - 1u;
 constexpr uint L = uint(D) + 1u;
-constexpr uint PER_LANE = (uint(H) + 31u) / 32u;
+constexpr uint LANES = 32u * uint(G);
+constexpr uint PER_LANE = (uint(H) + LANES - 1u) / LANES;
 
-const uint lane = thread_index_in_simdgroup;
+const uint lane = thread_position_in_threadgroup.x;
 const uint token = thread_position_in_grid.y;
+// this token's G simdgroup sums, double-buffered so that one barrier per level suffices
+threadgroup float sums[2 * TGS];
+const uint sum_base = thread_position_in_threadgroup.y * uint(G);
+uint buf = 0;
 
 float xv[PER_LANE];
 float acc[PER_LANE];
 for (uint j = 0; j < PER_LANE; ++j) {
-  const uint h = lane + 32u * j;
+  const uint h = lane + LANES * j;
   xv[j] = h < uint(H) ? float(x[token * uint(H) + h]) : 0.0f;
   acc[j] = 0.0f;
 }
@@ -38,15 +48,27 @@ for (uint k = 0; k < uint(P); ++k) {
     const uint row = k * N + node;
     float part = 0.0f;
     for (uint j = 0; j < PER_LANE; ++j) {
-      const uint h = lane + 32u * j;
+      const uint h = lane + LANES * j;
       if (h < uint(H)) {
         part += xv[j] * float(w_in[row * uint(H) + h]);
       }
     }
-    const float logit = simd_sum(part) + float(b_in[row]);
+    float dot = simd_sum(part);
+    if (G > 1) {
+      if (thread_index_in_simdgroup == 0) {
+        sums[buf * TGS + sum_base + lane / 32u] = dot;
+      }
+      threadgroup_barrier(mem_flags::mem_threadgroup);
+      dot = 0.0f;
+      for (uint g = 0; g < uint(G); ++g) {
+        dot += sums[buf * TGS + sum_base + g];
+      }
+      buf ^= 1u;
+    }
+    const float logit = dot + float(b_in[row]);
     const float act = fff_gelu(logit);
     for (uint j = 0; j < PER_LANE; ++j) {
-      const uint h = lane + 32u * j;
+      const uint h = lane + LANES * j;
       if (h < uint(H)) {
         acc[j] += act * float(w_out_t[row * uint(H) + h]);
       }
@@ -61,7 +83,7 @@ for (uint k = 0; k < uint(P); ++k) {
 }
 
 for (uint j = 0; j < PER_LANE; ++j) {
-  const uint h = lane + 32u * j;
+  const uint h = lane + LANES * j;
   if (h < uint(H)) {
     y[token * uint(H) + h] = YT(acc[j]);
   }

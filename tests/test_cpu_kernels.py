@@ -198,3 +198,72 @@ def test_mismatched_build_is_refused_in_one_line(monkeypatch):
     with pytest.raises(UFBError, match="backend 'cpu' is not available: .*nanobind"):
         backend.resolve("cpu")
     assert backend.resolve("auto") == "ops"
+
+
+def attention_reference(qkv, mask, heads, scale, dout):
+    """float64 softmax attention on the per-head [q|k|v] layout, and its gradient."""
+    B, S, H3 = qkv.shape
+    dh = H3 // 3 // heads
+    x = qkv.reshape(B, S, heads, 3, dh).transpose(3, 0, 2, 1, 4)
+    q, k, v = x[0], x[1], x[2]
+    s = q @ k.transpose(0, 1, 3, 2) * scale + mask[:, None, None, :]
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = p @ v
+    do = dout.reshape(B, S, heads, dh).transpose(0, 2, 1, 3)
+    dv = p.transpose(0, 1, 3, 2) @ do
+    dp = do @ v.transpose(0, 1, 3, 2)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq, dk = ds @ k * scale, ds.transpose(0, 1, 3, 2) @ q * scale
+    dqkv = np.stack([dq, dk, dv]).transpose(1, 3, 2, 0, 4).reshape(B, S, H3)
+    return o.transpose(0, 2, 1, 3).reshape(B, S, heads * dh), dqkv
+
+
+@given(st.integers(1, 3), st.integers(1, 70), st.integers(1, 4), st.integers(1, 40), st.integers(0, 2**31 - 1),
+       settings_cpu)
+def test_attention_matches_reference(B, S, heads, dh, seed, cfg):
+    isa, threads, _ = cfg
+    ext.set_isa(isa)
+    ext.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    qkv = rng.normal(size=(B, S, 3 * heads * dh)).astype(np.float32).astype(np.float64)
+    mask = np.where(rng.random((B, S)) < 0.3, -10000.0, 0.0)
+    mask[:, 0] = 0.0  # at least one visible key, as with real padding
+    dout = rng.normal(size=(B, S, heads * dh)).astype(np.float32).astype(np.float64)
+    scale = dh ** -0.5
+    want, dwant = attention_reference(qkv, mask, heads, scale, dout)
+    f32 = lambda a: mx.array(a.astype(np.float32))
+    out, _ = ext.attention(f32(qkv), f32(mask), heads, scale)
+    # float32 scores, exp (a couple of ulp) and sums over <= 70 keys: 1e-5 of the scale.
+    np.testing.assert_allclose(np.array(out), want, atol=1e-5 * (1 + np.abs(want).max()), rtol=0)
+    loss = lambda a: (ext.attention(a, f32(mask), heads, scale)[0] * f32(dout)).sum()
+    got = np.array(mx.grad(loss)(f32(qkv)))
+    np.testing.assert_allclose(got, dwant, atol=1e-5 * (1 + np.abs(dwant).max()), rtol=0)
+
+
+def test_attention_ignores_masked_keys():
+    """A key with the -10000 additive mask gets weight exp(-10000) = 0 in float32: its
+    values cannot change any output."""
+    rng = np.random.default_rng(5)
+    qkv = rng.normal(size=(1, 9, 3 * 2 * 8)).astype(np.float32)
+    mask = np.zeros((1, 9), np.float32)
+    mask[0, 4] = -10000.0
+    out = np.array(ext.attention(mx.array(qkv), mx.array(mask), 2, 8 ** -0.5)[0])
+    qkv[0, 4] += 100.0  # changes key 4's q, k and v; only row 4's own query moves
+    out2 = np.array(ext.attention(mx.array(qkv), mx.array(mask), 2, 8 ** -0.5)[0])
+    keep = np.arange(9) != 4
+    np.testing.assert_array_equal(out[0, keep], out2[0, keep])
+
+
+def test_openblas_gets_kernels_for_the_cpu_it_runs_on():
+    """Debian's OpenBLAS 0.3.21 takes recent Xeons for a generic "Prescott" and runs x @ W.T
+    ~4x slower; ufb_mlx.blas names the kernels from the CPU's instruction sets unless the
+    user chose (OPENBLAS_CORETYPE)."""
+    from ufb_mlx import blas
+
+    avx512 = {"avx2", "fma", "avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}
+    assert blas.coretype_for(avx512) == "SkylakeX"
+    assert blas.coretype_for({"avx2", "fma", "avx512f"}) == "Haswell"  # incomplete AVX-512
+    assert blas.coretype_for({"sse2", "avx"}) is None
+    if blas.status.startswith("OpenBLAS") and blas.coretype_for(blas._cpu_flags()):
+        assert "Prescott" not in blas.status and "kernels)" in blas.status

@@ -4,10 +4,10 @@ the same gradient, for random trees, widths, shapes and dtypes.
 Implementations: NumPy masked-dense and descent (float64: the ground truth), MLX
 masked-dense, MLX conditional (with the top-level matmul split at random depths, so both
 the matmul part and the gather/scatter part are exercised), and the Metal path of
-``fff_conditional`` (the custom_function over the kernels in metal/, forward and VJP) with
-``kernels.launch`` routed to the off-Mac emulator (tests/metal_emu). The kernels take H,
-P and D as template constants, so each new shape is a g++ build: the Metal draws pick
-their (P, D, H) from a fixed set and randomise everything else.
+``fff_conditional`` (the custom_function over the kernels in metal/, forward and VJP): on
+the GPU on a Mac, else through the emulator (``ufb_mlx.metal_emu.metal_kernels`` decides).
+The kernels take H, P and D as template constants, so each new shape is a compiler run:
+the Metal draws pick their (P, D, H) from a fixed set and randomise everything else.
 
 Routing near z = 0: two correct implementations may route a token differently when a
 logit it decides on is within rounding of 0. Every comparison excuses exactly the tokens
@@ -22,17 +22,17 @@ default); UFB_HYPOTHESIS_PROFILE=long runs many more.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from metal_emu import emulated_launch
 from ufb_mlx import fff as mlx_fff
-from ufb_mlx import kernels
+from ufb_mlx.check import UNIT, fff_forward_tolerance, fff_grad_tolerance
+from ufb_mlx.check import TIE_EPS as EPS_COND
+from ufb_mlx.check import near_ties as excused  # tokens with a decision within eps of 0
+from ufb_mlx.metal_emu import metal_kernels
 from ufb_ref import fff as ref_fff
 
 settings.register_profile("ci", max_examples=40, derandomize=True, deadline=None,
@@ -42,14 +42,11 @@ settings.register_profile("long", max_examples=1000, deadline=None,
 settings.load_profile(os.environ.get("UFB_HYPOTHESIS_PROFILE", "ci"))
 
 MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# Unit roundoff of each input dtype: outputs returned in that dtype carry one rounding.
-UNIT = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
-# |z| below which a routing decision may legitimately differ from the float64 one.
-# Conditional paths accumulate in float32 from inputs that are exact in float32 (half
-# products are exact in float32), so 1e-4 covers their summation error (H <= 70, |terms|
-# ~ 1) with a wide margin. The masked-dense path in half precision computes the logits
-# in that precision: its error is about sqrt(H) * |x||w| * unit, hence the larger eps.
-EPS_COND = 1e-4
+# UNIT (unit roundoff per dtype: outputs returned in that dtype carry one rounding),
+# EPS_COND (|z| below which a conditional path's routing may differ from float64's) and the
+# conditional paths' tolerances are ufb_mlx.check's, which `python -m ufb_mlx.check` applies
+# on a user's machine. The masked-dense path in half precision computes the logits in that
+# precision: its error is about sqrt(H) * |x||w| * unit, hence the larger eps.
 EPS_DENSE = {"float32": 1e-4, "float16": 0.05, "bfloat16": 0.4}
 
 
@@ -83,13 +80,6 @@ def fff_problem(draw, shapes=None, dtypes=("float32", "float32", "float16", "bfl
     return trees, depth, top, dtype, arrays, rng.normal(size=(*lead, hidden))
 
 
-def excused(x, w_in, b_in, trees, depth, eps):
-    """Tokens (flattened) with a routing decision within eps of 0, exact zeros aside."""
-    _, z = ref_fff.descend(x, w_in, b_in, trees, depth)
-    z = z.reshape(-1, trees * (depth + 1))
-    return ((np.abs(z) < eps) & (z != 0)).any(-1)
-
-
 def as_mx(a, dtype):
     return mx.array(a.astype(np.float32)).astype(MX_DTYPES[dtype])
 
@@ -114,7 +104,7 @@ def test_forward_agrees_across_implementations(problem):
     assert cond.dtype == MX_DTYPES[dtype] and cond.shape == x.shape
     keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
     # float32 accumulation error (~1e-6 relative here) plus one rounding to the output dtype.
-    assert_close_on(np.array(cond.astype(mx.float32)), truth, keep, scale * (1e-5 + 2 * UNIT[dtype]), "conditional")
+    assert_close_on(np.array(cond.astype(mx.float32)), truth, keep, fff_forward_tolerance(truth, dtype), "conditional")
 
     dense = mlx_fff.fff_dense(*args, trees, depth)
     keep_d = ~excused(x, w_in, b_in, trees, depth, EPS_DENSE[dtype])
@@ -168,7 +158,7 @@ def test_gradients_agree_across_implementations(problem):
         assert c.shape == w.shape and d.shape == w.shape
         # float32 summation over at most T * P * (D+1) contributions of size ~1: 1e-5
         # relative to the gradient's scale, far below one misplaced contribution (~1).
-        tol = 1e-5 * (1 + np.abs(w).max())
+        tol = fff_grad_tolerance(w)
         if name == "x":  # the excused tokens' input gradients are zeroed in dy, not in x
             keep = ~bad
             assert_close_on(c, w, keep, tol, "conditional dx")
@@ -197,15 +187,6 @@ def test_exact_zero_logit_goes_left_in_every_implementation():
                                ref_fff.fff_descent(x, w_in, b_in, w_out, 1, 2), atol=1e-6)
 
 
-@contextmanager
-def emulated_metal():
-    """fff_conditional takes its Metal path, with every kernel launch run by the emulator."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(kernels, "available", lambda: True)
-        mp.setattr(kernels, "launch", emulated_launch)
-        yield
-
-
 @settings(max_examples=12)
 @given(fff_problem(shapes=METAL_SHAPES))
 def test_metal_path_agrees_with_reference(problem):
@@ -214,13 +195,12 @@ def test_metal_path_agrees_with_reference(problem):
     the conditional tolerances apply."""
     trees, depth, _, dtype, (x, w_in, b_in, w_out), dy = problem
     truth = ref_fff.fff_descent(x, w_in, b_in, w_out, trees, depth)
-    scale = 1 + np.abs(truth).max()
     keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
     args = [as_mx(a, dtype) for a in (x, w_in, b_in, w_out)]
-    with emulated_metal():
+    with metal_kernels():
         y = mlx_fff.fff_conditional(*args, trees, depth, backend="metal")
         assert y.dtype == MX_DTYPES[dtype] and y.shape == x.shape
-        assert_close_on(np.array(y.astype(mx.float32)), truth, keep, scale * (1e-5 + 2 * UNIT[dtype]), "metal")
+        assert_close_on(np.array(y.astype(mx.float32)), truth, keep, fff_forward_tolerance(truth, dtype), "metal")
         if dtype != "float32":
             return
         dy = dy.reshape(keep.shape[0], -1).copy()
@@ -230,7 +210,7 @@ def test_metal_path_agrees_with_reference(problem):
         got = mx.grad(loss, argnums=(0, 1, 2, 3))(*args)
     want = ref_fff.fff_descent_vjp(x, w_in, b_in, w_out, trees, depth, dy)
     for name, g, w in zip(("x", "w_in", "b_in", "w_out"), got, want):
-        tol = 1e-5 * (1 + np.abs(w).max())
+        tol = fff_grad_tolerance(w)
         if name == "x":
             assert_close_on(np.array(g), w, keep, tol, "metal dx")
         else:

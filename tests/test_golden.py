@@ -1,9 +1,10 @@
 """Both backends against the original implementation's own outputs (tests/data/golden).
 
-Tolerances (float32 everywhere unless stated):
-- hidden states and logits: 1e-5 absolute. A correct float32 implementation lands near
-  2e-6 on hidden states of magnitude 3.5 (summation order only); the tanh approximation
-  of GELU lands near 3e-5, so 1e-5 tells the two apart.
+Tolerances (float32 everywhere unless stated; ATOL and GRAD_RTOL are ufb_mlx.check's,
+which `python -m ufb_mlx.check` applies on a user's machine):
+- hidden states and logits: ATOL = 1e-5 absolute. A correct float32 implementation lands
+  near 2e-6 on hidden states of magnitude 3.5 (summation order only); the tanh
+  approximation of GELU lands near 3e-5, so 1e-5 tells the two apart.
 - routing paths: exact. The smallest routing margin in the golden data is 2.9e-4, three
   orders of magnitude above float32 rounding of the logits.
 - MLM/classifier loss: 1e-5 absolute (stored loss 6.59 / 1.10; the golden README measures
@@ -15,6 +16,8 @@ Tolerances (float32 everywhere unless stated):
 
 from __future__ import annotations
 
+import contextlib
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -24,36 +27,41 @@ from mlx.utils import tree_flatten
 import ufb_mlx
 import ufb_ref
 from ufb_mlx import fff as mlx_fff
-from ufb_mlx import kernels
+from ufb_mlx.check import ATOL, GRAD_RTOL
+from ufb_mlx.metal_emu import metal_kernels
 from ufb_mlx.model import classification_loss, mlm_loss
 from ufb_ref.model import mlm_loss as ref_mlm_loss
 
 from conftest import CLS, MLM
 
-ATOL = 1e-5
-GRAD_RTOL = 1e-5
-
 # "conditional-gather" forces every level through the gather/scatter path (no top-level
 # matmul), so both halves of the conditional implementation meet the golden data;
-# "conditional-metal" runs the Metal kernels of metal/ (forward and backward) through
-# the off-Mac emulator, as a Mac would run them; "conditional-cpu" the fused C++ primitive
-# of csrc/ (ufb_mlx._ext, forward and its vjp).
-MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense"]
+# "conditional-metal" runs the Metal kernels of metal/ (forward and backward): on the GPU
+# on a Mac, else through the emulator (ufb_mlx.metal_emu.metal_kernels decides);
+# "conditional-cpu" the fused C++ primitive of csrc/ (ufb_mlx._ext, forward and its vjp),
+# with the extension's fused attention; "dense-cpu" the masked-dense FFF with the
+# extension's GELU and attention.
+MLX_MODES = ["conditional", "conditional-gather", "conditional-metal", "conditional-cpu", "dense", "dense-cpu"]
 
 
-def load_mlx(path, mode, monkeypatch):
-    backend = "ops"
-    if mode == "conditional-gather":
-        monkeypatch.setattr(mlx_fff, "TOP_LEVELS", 0)
-    if mode == "conditional-metal":
-        from metal_emu import emulated_launch
+@pytest.fixture
+def load_mlx(monkeypatch):
+    """load_mlx(path, mode) -> (model, tokenizer) for one of MLX_MODES, for this test."""
+    with contextlib.ExitStack() as stack:
 
-        monkeypatch.setattr(kernels, "available", lambda: True)
-        monkeypatch.setattr(kernels, "launch", emulated_launch)
-        backend = "metal"
-    if mode == "conditional-cpu":
-        backend = "cpu"
-    return ufb_mlx.load(path, fff_mode="dense" if mode == "dense" else "conditional", backend=backend)
+        def load(path, mode):
+            backend = "ops"
+            if mode == "conditional-gather":
+                monkeypatch.setattr(mlx_fff, "TOP_LEVELS", 0)
+            if mode == "conditional-metal":
+                stack.enter_context(metal_kernels())
+                backend = "metal"
+            if mode.endswith("-cpu"):
+                backend = "cpu"
+            return ufb_mlx.load(path, fff_mode="dense" if mode.startswith("dense") else "conditional",
+                                backend=backend)
+
+        yield load
 
 
 @pytest.mark.parametrize("folder", [MLM, CLS], ids=["mlm", "cls"])
@@ -99,8 +107,8 @@ def test_reference_mlm_loss_matches_golden(mlm_cases):
 
 @pytest.mark.parametrize("source", ["hub-folder", "converted"])
 @pytest.mark.parametrize("mode", MLX_MODES)
-def test_mlx_mlm_matches_golden(mlm_cases, converted_mlm, source, mode, monkeypatch):
-    model, _ = load_mlx(MLM if source == "hub-folder" else converted_mlm, mode, monkeypatch)
+def test_mlx_mlm_matches_golden(mlm_cases, converted_mlm, source, mode, load_mlx):
+    model, _ = load_mlx(MLM if source == "hub-folder" else converted_mlm, mode)
     ids, mask = mlm_cases["input_ids"], mlm_cases["attention_mask"]
     paths = []
     hidden = model.encode(ids, mask, paths)
@@ -113,8 +121,8 @@ def test_mlx_mlm_matches_golden(mlm_cases, converted_mlm, source, mode, monkeypa
 
 @pytest.mark.parametrize("source", ["hub-folder", "converted"])
 @pytest.mark.parametrize("mode", MLX_MODES)
-def test_mlx_classifier_matches_golden(cls_cases, converted_cls, source, mode, monkeypatch):
-    model, _ = load_mlx(CLS if source == "hub-folder" else converted_cls, mode, monkeypatch)
+def test_mlx_classifier_matches_golden(cls_cases, converted_cls, source, mode, load_mlx):
+    model, _ = load_mlx(CLS if source == "hub-folder" else converted_cls, mode)
     paths = []
     hidden = model.encode(cls_cases["input_ids"], cls_cases["attention_mask"], paths)
     np.testing.assert_allclose(np.array(hidden), cls_cases["hidden"], atol=ATOL, rtol=0)
@@ -141,8 +149,8 @@ def _assert_grads(grads, cases):
 
 
 @pytest.mark.parametrize("mode", MLX_MODES)
-def test_mlx_mlm_loss_and_gradients_match_golden(mlm_cases, mode, monkeypatch):
-    model, _ = load_mlx(MLM, mode, monkeypatch)
+def test_mlx_mlm_loss_and_gradients_match_golden(mlm_cases, mode, load_mlx):
+    model, _ = load_mlx(MLM, mode)
     loss, grads = _grads(model, mlm_loss, mlm_cases)
     assert abs(loss - float(mlm_cases["loss"])) < ATOL
     _assert_grads(grads, mlm_cases)
@@ -165,8 +173,8 @@ def test_padding_row_gets_no_lookup_gradient(mlm_cases):
 
 
 @pytest.mark.parametrize("mode", MLX_MODES)
-def test_mlx_classifier_loss_and_gradients_match_golden(cls_cases, mode, monkeypatch):
-    model, _ = load_mlx(CLS, mode, monkeypatch)
+def test_mlx_classifier_loss_and_gradients_match_golden(cls_cases, mode, load_mlx):
+    model, _ = load_mlx(CLS, mode)
     loss, grads = _grads(model, classification_loss, cls_cases)
     assert abs(loss - float(cls_cases["loss"])) < ATOL
     _assert_grads(grads, cls_cases)

@@ -22,10 +22,22 @@ from ufb_ref.errors import UFBError
 BACKENDS = ("auto", "ops", "cpu", "metal")
 
 
-def metal_available() -> bool:
+def metal_unavailable_reason() -> str | None:
+    """Why "metal" cannot run here (one line), or None."""
     from . import kernels
 
-    return kernels.available()
+    if not kernels.available():
+        return "it needs a Metal GPU, and mx.metal.is_available() is False here"
+    missing = kernels.missing_sources()
+    if missing:
+        # A Mac whose installation lost metal/: say so instead of silently running "ops".
+        return (f"the kernel sources {', '.join(missing)} are missing from {kernels.METAL_DIR} "
+                "(an incomplete installation: reinstall ultrafastbert-mlx, or pass backend='ops')")
+    return None
+
+
+def metal_available() -> bool:
+    return metal_unavailable_reason() is None
 
 
 def cpu_available() -> bool:
@@ -46,13 +58,13 @@ def check(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str = "auto", device: mx.Device | None = None) -> str:
-    """The implementation ("ops", "cpu" or "metal") that runs on ``device`` (default: the
-    current default device)."""
+def resolve(backend: str = "auto", device: mx.Device | mx.DeviceType | None = None) -> str:
+    """The implementation ("ops", "cpu" or "metal") that runs on ``device`` (a Device or
+    a DeviceType such as ``mx.cpu``; default: the current default device)."""
     check(backend)
     if backend == "metal":
         if not metal_available():
-            raise UFBError("backend 'metal' needs a Metal GPU, and mx.metal.is_available() is False here")
+            raise UFBError(f"backend 'metal' is not available: {metal_unavailable_reason()}")
         return "metal"
     if backend == "cpu":
         if not cpu_available():
@@ -61,8 +73,13 @@ def resolve(backend: str = "auto", device: mx.Device | None = None) -> str:
     if backend == "ops":
         return "ops"
     device = device if device is not None else mx.default_device()
-    if device.type == mx.DeviceType.gpu:
-        return "metal" if metal_available() else "ops"
+    if getattr(device, "type", device) == mx.DeviceType.gpu:
+        reason = metal_unavailable_reason()
+        if reason is None:
+            return "metal"
+        if mx.metal.is_available():  # a Mac, with its kernel sources missing
+            raise UFBError(f"backend 'metal' (the GPU's) is not available: {reason}")
+        return "ops"  # a GPU without Metal
     return "cpu" if cpu_available() else "ops"
 
 
@@ -80,6 +97,7 @@ def describe() -> dict:
         "default_device": str(mx.default_device()),
         "auto": resolve("auto"),
         "metal": metal_available(),
+        "metal_reason": metal_unavailable_reason(),
         "cpu": cpu_available(),
         "cpu_reason": None if cpu_available() else cpu_unavailable_reason(),
     }

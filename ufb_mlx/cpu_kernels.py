@@ -43,7 +43,7 @@ def _probe(module) -> str | None:
         y = module.gelu(mx.zeros((1,), dtype=mx.float32))
         mx.eval(y)
     except TypeError as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
         return (f"ufb_mlx._ext does not accept this mlx's arrays ({first}): it was built with "
                 "another nanobind ABI; rebuild it with `pip install -e .`")
     return None
@@ -73,3 +73,9 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int):
 def gelu(x):
     """Exact-erf GELU computed in float32 (a few ulp), returned in x's dtype."""
     return ext().gelu(x)
+
+
+def attention(qkv, key_mask, heads: int, scale: float):
+    """softmax(q k^T * scale + key_mask) v per head, float32, from the fused projection's
+    (B, S, 3H) output in the checkpoint's per-head [q|k|v] layout; returns (B, S, H)."""
+    return ext().attention(qkv, key_mask, heads, scale)[0]

@@ -15,6 +15,7 @@ from ufb_ref.model import sinusoidal_table
 from ufb_ref.tokenizer import Tokenizer
 
 from . import backend as backend_lib
+from . import cpu_kernels
 from . import fff as fff_lib
 
 FFF_MODES = ("conditional", "dense")
@@ -58,20 +59,26 @@ class SelfAttentionProj(nn.Module):
 
 class Attention(nn.Module):
     """Fused QKV laid out per head ([q_h | k_h | v_h] blocks), softmax attention with the
-    additive (1 - mask) * -10000 key mask, heads concatenated, then dense."""
+    additive (1 - mask) * -10000 key mask (B, S), heads concatenated, then dense. On the
+    "cpu" backend one fused primitive reads the per-head layout in place."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, backend: str = "auto"):
         super().__init__()
         self.self_attention = SelfAttentionProj(args)
         self.dense = nn.Linear(args.hidden_size, args.hidden_size, bias=False)
-        self.num_heads, self.head_size = args.num_heads, args.head_size
+        self.num_heads, self.head_size, self.backend = args.num_heads, args.head_size, backend
 
-    def __call__(self, x, additive_mask):
+    def __call__(self, x, key_mask):
         B, S, H = x.shape
-        qkv = self.self_attention.query_key_value(x).reshape(B, S, self.num_heads, 3, self.head_size)
-        qkv = qkv.transpose(3, 0, 2, 1, 4)                     # (3, B, heads, S, dh)
+        qkv = self.self_attention.query_key_value(x)
+        scale = self.head_size ** -0.5
+        if backend_lib.resolve(self.backend) == "cpu":
+            with mx.stream(mx.cpu):
+                ctx = cpu_kernels.attention(qkv, key_mask, self.num_heads, scale).astype(x.dtype)
+            return self.dense(ctx)
+        qkv = qkv.reshape(B, S, self.num_heads, 3, self.head_size).transpose(3, 0, 2, 1, 4)  # (3, B, heads, S, dh)
         ctx = mx.fast.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], scale=self.head_size ** -0.5, mask=additive_mask)
+            qkv[0], qkv[1], qkv[2], scale=scale, mask=key_mask[:, None, None, :])
         return self.dense(ctx.transpose(0, 2, 1, 3).reshape(B, S, H))
 
 
@@ -94,7 +101,7 @@ class FFF(nn.Module):
     def __call__(self, x):
         w = (self.linear_in.weight, self.linear_in.bias, self.linear_out.weight, self.trees, self.depth)
         if self.mode == "dense":
-            return fff_lib.fff_dense(x, *w)
+            return fff_lib.fff_dense(x, *w, backend=self.backend)
         return fff_lib.fff_conditional(x, *w, backend=self.backend)
 
 
@@ -105,22 +112,23 @@ class FFN(nn.Module):
         super().__init__()
         self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
         self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
+        self.backend = backend
 
     def __call__(self, x):
-        return self.linear_out(fff_lib.gelu(self.linear_in(x)))
+        return self.linear_out(fff_lib.fast_gelu(self.linear_in(x), self.backend))
 
 
 class TransformerLayer(nn.Module):
     def __init__(self, args: ModelArgs, fff_mode: str, backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
-        self.attn = Attention(args)
+        self.attn = Attention(args, backend)
         self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
         self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode, backend)
         self.dropout = nn.Dropout(0.0)
 
-    def __call__(self, x, additive_mask, paths=None):
-        x = x + self.dropout(self.attn(self.norm1(x), additive_mask))
+    def __call__(self, x, key_mask, paths=None):
+        x = x + self.dropout(self.attn(self.norm1(x), key_mask))
         h = self.norm2(x)
         if paths is not None and isinstance(self.ffn, FFF):
             paths.append(self.ffn.routing(h))
@@ -137,7 +145,7 @@ class Encoder(nn.Module):
     def __call__(self, input_ids, attention_mask, paths=None):
         """Hidden states (B, S, H). When ``paths`` is a list, each FFF layer's routing
         (B, S, P, D+1), within-tree node ids, is appended to it."""
-        additive = ((1 - attention_mask.astype(mx.float32)) * -10000.0)[:, None, None, :]
+        additive = (1 - attention_mask.astype(mx.float32)) * -10000.0   # (B, S), on the keys
         x = self.embedding(input_ids)
         additive = additive.astype(x.dtype)
         for layer in self.layers:

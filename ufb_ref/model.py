@@ -78,15 +78,18 @@ def feedforward(x, w, prefix, args: ModelArgs, mode: str):
     return fn(x, w_in, b_in, w_out, args.fff_trees, args.fff_depth)
 
 
-def encode(w, input_ids, attention_mask, args: ModelArgs, mode="descent", paths=None):
+def encode(w, input_ids, attention_mask, args: ModelArgs, mode="descent", paths=None, fff_inputs=None):
     """Embedding, pre-norm layers, final norm -> hidden states (B, S, H). When ``paths`` is
-    a list, each layer's routing (B, S, P, D+1) is appended to it."""
+    a list, each layer's routing (B, S, P, D+1) is appended to it; when ``fff_inputs`` is,
+    the input of each layer's FFF (B, S, H) (ufb_mlx.check compares the FFF there)."""
     x = embed(w, input_ids, args)
     for i in range(args.num_layers):
         p = f"encoder.layers.{i}."
         x = x + attention(layer_norm(x, w[p + "norm1.weight"], w[p + "norm1.bias"], args.norm_eps),
                           w, p + "attn.", attention_mask, args)
         h = layer_norm(x, w[p + "norm2.weight"], w[p + "norm2.bias"], args.norm_eps)
+        if fff_inputs is not None and args.intermed_type == "fff":
+            fff_inputs.append(h)
         if paths is not None and args.intermed_type == "fff":
             paths.append(fff_lib.descend(h, w[p + "ffn.linear_in.weight"], w[p + "ffn.linear_in.bias"],
                                          args.fff_trees, args.fff_depth)[0])
@@ -142,9 +145,9 @@ class Model:
         self.args, self.mode = args, mode
         self.weights = {k: np.asarray(v, dtype=dtype) for k, v in weights.items()}
 
-    def encode(self, input_ids, attention_mask=None, paths=None):
+    def encode(self, input_ids, attention_mask=None, paths=None, fff_inputs=None):
         ids, mask = check_inputs(input_ids, attention_mask, self.args)
-        return encode(self.weights, ids, mask, self.args, self.mode, paths)
+        return encode(self.weights, ids, mask, self.args, self.mode, paths, fff_inputs)
 
     def __call__(self, input_ids, attention_mask=None):
         hidden = self.encode(input_ids, attention_mask)

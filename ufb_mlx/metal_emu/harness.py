@@ -9,7 +9,10 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
+import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -22,12 +25,21 @@ from .source import ArrayMeta, Generated, HarnessError, check_supported, generat
 
 PRELUDE = Path(__file__).with_name("metal_prelude.hpp")
 RUNTIME = Path(__file__).with_name("runtime.cpp")
-CXX = os.environ.get("CXX", "g++")
+# $CXX, else the first C++ compiler on PATH (on macOS `g++` and `c++` are Apple clang).
+CXX = os.environ.get("CXX") or next(
+    (c for c in ("g++", "c++", "clang++") if shutil.which(c)), "g++")
 # IEEE float without contraction, so results do not depend on the build machine's FMA.
+# Metal's [[attributes]] are unknown to a C++ compiler: warnings, silenced.
 CXXFLAGS = [
     "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread",
-    "-fno-fast-math", "-ffp-contract=off", "-Wno-attributes",
+    "-fno-fast-math", "-ffp-contract=off", "-Wno-attributes", "-Wno-unknown-attributes",
 ]
+if sys.platform == "darwin":
+    # A kernel library calls the runtime library's sync functions, which are resolved at
+    # load time (the runtime is loaded first, RTLD_GLOBAL); Apple's linker refuses a
+    # shared library with undefined symbols unless told so. The ucontext routines the
+    # runtime uses are marked deprecated there.
+    CXXFLAGS += ["-undefined", "dynamic_lookup", "-Wno-deprecated-declarations"]
 PAD = 256  # bytes of 0xFF around every buffer: NaN for float reads past the end,
 # and a canary that out-of-bounds writes to outputs disturb.
 MAX_THREADS_PER_THREADGROUP = 1024
@@ -128,7 +140,9 @@ def _translation_unit(gen: Generated, spec) -> str:
     mark(s0, getattr(spec, "file", None) or f"{spec.name}:source")
     pieces.append(text[s0:s1])
     mark(s1, f"{spec.name}:tail")
-    pieces.append(text[s1:])
+    # The tail is the explicit instantiation, `template [[host_name(..)]] [[kernel]] ...;`:
+    # clang rejects attribute lists there (g++ ignores them), and they mean nothing here.
+    pieces.append(re.sub(r"\[\[[^\]]*\]\]\s*", "", text[s1:]))
 
     args = []
     buf = 0
@@ -159,12 +173,23 @@ def cache_dir() -> Path:
     return d
 
 
+def unavailable_reason() -> str | None:
+    """Why kernels cannot be emulated here (no C++ compiler), or None."""
+    if shutil.which(CXX) is None:
+        return (f"the Metal kernel emulator needs a C++20 compiler and {CXX!r} was not found "
+                "(install g++ or clang, or set CXX)")
+    return None
+
+
 def _compile(source: Path, out: Path, what: str) -> None:
+    reason = unavailable_reason()
+    if reason:
+        raise HarnessError(reason)
     tmp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     proc = subprocess.run([CXX, *CXXFLAGS, f"-I{PRELUDE.parent}", str(source), "-o", str(tmp)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise HarnessError(f"g++ failed on {what} ({source}):\n{proc.stderr[-6000:]}")
+        raise HarnessError(f"{CXX} failed on {what} ({source}):\n{proc.stderr[-6000:]}")
     os.replace(tmp, out)  # atomic: concurrent test runs may build the same key
 
 
@@ -299,7 +324,6 @@ def run_kernel(
         raw = buf[PAD:PAD + nbytes].view(uint_np).reshape(shape)
         results.append(mx.view(mx.array(raw), dtype))
     return results
-
 
 
 def emulated_launch(spec, inputs, config, **kw) -> list[mx.array]:

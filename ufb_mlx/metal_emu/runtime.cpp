@@ -8,6 +8,19 @@
 // per lane: a 32-lane exchange costs microseconds instead of dozens of context switches
 // on a 2-core machine, and the interleaving is deterministic (with a selectable lane order).
 // Compiled once into its own library and loaded with RTLD_GLOBAL before any kernel.
+
+// macOS declares the ucontext routines only under _XOPEN_SOURCE (<ucontext.h> stops with
+// #error otherwise), and that macro also gives ucontext_t its full size there (the
+// machine context is stored inside it); _DARWIN_C_SOURCE keeps the other system headers
+// complete. glibc needs neither (g++ and clang define _GNU_SOURCE for C++).
+#if defined(__APPLE__)
+#ifndef _XOPEN_SOURCE
+#define _XOPEN_SOURCE 700
+#endif
+#ifndef _DARWIN_C_SOURCE
+#define _DARWIN_C_SOURCE
+#endif
+#endif
 #include <ucontext.h>
 
 #include <algorithm>

@@ -1,0 +1,219 @@
+"""The rule that picks the conditional FFF's implementation (ufb_mlx.backend): by the
+device of the stream the op runs on; an explicit backend wins and runs on its own device;
+an explicit backend that is not present is a one-line error.
+
+A Linux machine has no GPU, so the table is exercised by monkeypatching what is present
+(Metal, the CPU extension) and the default device; which implementation fff_conditional
+then calls, and on which stream, is recorded by stand-ins. Where Metal is real (a Mac),
+the last tests run the same decisions with MLX's own streams and devices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import ufb_mlx
+from ufb_mlx import backend, kernels
+from ufb_mlx import fff as mlx_fff
+from ufb_mlx.check import ATOL, fff_forward_tolerance
+from ufb_ref.errors import UFBError
+
+from conftest import MLM
+
+on_mac = pytest.mark.skipif(not mx.metal.is_available(), reason="needs a Metal GPU (real streams)")
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """machine(metal=, cpu=, default=): what this machine has, and its default device."""
+
+    def set_(metal: bool, cpu: bool, default):
+        monkeypatch.setattr(backend, "metal_unavailable_reason", lambda: None if metal else "no Metal GPU here")
+        monkeypatch.setattr(backend, "cpu_available", lambda: cpu)
+        monkeypatch.setattr(backend, "cpu_unavailable_reason", lambda: "" if cpu else "ufb_mlx._ext is not built")
+        monkeypatch.setattr(mx.metal, "is_available", lambda: metal)
+        monkeypatch.setattr(mx, "default_device", lambda: default)
+
+    return set_
+
+
+GPU, CPU = mx.Device(mx.DeviceType.gpu), mx.Device(mx.DeviceType.cpu)
+
+# (metal present, CPU extension present, default device) -> what "auto" picks
+AUTO_TABLE = [
+    (True, True, GPU, "metal"),     # a Mac, GPU default
+    (True, True, CPU, "cpu"),       # a Mac with mx.set_default_device(mx.cpu) or mx.stream(mx.cpu)
+    (True, False, CPU, "ops"),      # ... without the extension
+    (False, True, CPU, "cpu"),      # Linux
+    (False, False, CPU, "ops"),     # Linux without the extension
+    (False, True, GPU, "ops"),      # a GPU without Metal (e.g. a CUDA build of MLX)
+]
+
+
+@pytest.mark.parametrize("metal, cpu, default, expected", AUTO_TABLE)
+def test_auto_follows_the_default_device(machine, metal, cpu, default, expected):
+    machine(metal, cpu, default)
+    assert backend.resolve("auto") == expected
+    assert backend.resolve() == expected
+    assert backend.resolve("auto", device=default) == expected
+    assert backend.resolve("auto", device=default.type) == expected  # mx.cpu / mx.gpu
+
+
+@pytest.mark.parametrize("metal, cpu, default, expected", AUTO_TABLE)
+def test_device_argument_overrides_the_default(machine, metal, cpu, default, expected):
+    """``resolve(device=...)`` decides by the device given (the stream an op will run
+    on), not by the default device."""
+    other = CPU if default.type == mx.DeviceType.gpu else GPU
+    machine(metal, cpu, other)
+    assert backend.resolve("auto", device=default) == expected
+
+
+@pytest.mark.parametrize("metal", [True, False])
+@pytest.mark.parametrize("cpu", [True, False])
+@pytest.mark.parametrize("default", [GPU, CPU], ids=["gpu-default", "cpu-default"])
+def test_explicit_backend_wins_or_fails_in_one_line(machine, metal, cpu, default):
+    machine(metal, cpu, default)
+    assert backend.resolve("ops") == "ops"
+    for name, present in (("metal", metal), ("cpu", cpu)):
+        if present:
+            assert backend.resolve(name) == name
+        else:
+            with pytest.raises(UFBError) as e:
+                backend.resolve(name)
+            msg = str(e.value)
+            assert "\n" not in msg and f"backend {name!r} is not available" in msg
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(UFBError, match="backend must be one of auto, ops, cpu, metal, got 'gpu'"):
+        backend.resolve("gpu")
+
+
+def test_explicit_backend_runs_on_its_own_device(machine, monkeypatch):
+    """fff_conditional places an explicit backend on its device: "metal" on the GPU even
+    when the default device is the CPU, "cpu" on the CPU even under a GPU default; "auto"
+    and "ops" stay on the current stream."""
+    calls, streams = [], []
+
+    def stand_in(name):
+        def impl(x, *rest):
+            calls.append(name)
+            return x
+        return impl
+
+    monkeypatch.setattr(mlx_fff, "_IMPLEMENTATIONS", {n: stand_in(n) for n in ("metal", "cpu", "ops")})
+
+    @contextlib.contextmanager
+    def stream(device):
+        streams.append(getattr(device, "type", device))
+        yield
+
+    monkeypatch.setattr(mx, "stream", stream)
+    x, w_in, b_in, w_out = mx.ones((2, 4)), mx.ones((7, 4)), mx.ones((7,)), mx.ones((4, 7))
+    cases = [  # (default device, backend) -> (implementation, stream entered or None)
+        (CPU, "metal", "metal", mx.DeviceType.gpu),
+        (GPU, "cpu", "cpu", mx.DeviceType.cpu),
+        (GPU, "auto", "metal", None),
+        (CPU, "auto", "cpu", None),
+        (GPU, "ops", "ops", None),
+    ]
+    for default, name, impl, entered in cases:
+        machine(True, True, default)
+        calls.clear(), streams.clear()
+        mlx_fff.fff_conditional(x, w_in, b_in, w_out, 1, 2, backend=name)
+        assert calls == [impl], (default, name)
+        assert streams == ([] if entered is None else [entered]), (default, name)
+
+
+def test_load_refuses_an_absent_backend_before_reading(machine, tmp_path):
+    machine(False, False, CPU)
+    with pytest.raises(UFBError, match="backend 'metal' is not available: no Metal GPU here"):
+        ufb_mlx.load(tmp_path / "does-not-exist", backend="metal")
+    with pytest.raises(UFBError, match="backend 'cpu' is not available: ufb_mlx._ext is not built"):
+        ufb_mlx.load(tmp_path / "does-not-exist", backend="cpu")
+
+
+def test_missing_kernel_sources_are_named(monkeypatch, tmp_path):
+    """A Mac whose installation lost metal/: "metal" (explicit, or auto on the GPU) is
+    refused in one line that names the missing files, instead of a traceback at the
+    first forward or a silent fall-back."""
+    monkeypatch.setattr(mx.metal, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "METAL_DIR", tmp_path)
+    kernels.missing_sources.cache_clear()
+    try:
+        assert backend.resolve("auto", device=CPU) in ("cpu", "ops")
+        for call in (lambda: backend.resolve("metal"), lambda: backend.resolve("auto", device=GPU)):
+            with pytest.raises(UFBError) as e:
+                call()
+            msg = str(e.value)
+            assert "\n" not in msg and "fff_forward.metal" in msg and str(tmp_path) in msg
+    finally:
+        monkeypatch.undo()
+        kernels.missing_sources.cache_clear()
+    assert kernels.missing_sources() == ()
+
+
+def test_describe_reports_what_is_present():
+    d = backend.describe()
+    assert d["auto"] == backend.resolve("auto")
+    assert d["metal"] == (d["metal_reason"] is None) == backend.metal_available()
+    assert d["cpu"] == backend.cpu_available() and (d["cpu_reason"] is None) == d["cpu"]
+
+
+def test_cpu_stream_here_picks_a_cpu_implementation():
+    """The real stream context: inside ``mx.stream(mx.cpu)`` auto never picks "metal"."""
+    with mx.stream(mx.cpu):
+        assert mx.default_device() == mx.cpu
+        assert backend.resolve() == ("cpu" if backend.cpu_available() else "ops")
+
+
+# ---- on a Mac: MLX's own devices and streams ----------------------------------------------
+
+
+@on_mac
+@pytest.mark.parametrize("how", ["stream", "default-device"])
+def test_mac_cpu_stream_runs_the_cpu_implementation(how):
+    """On a Mac the GPU is the default; under ``mx.stream(mx.cpu)`` or
+    ``mx.set_default_device(mx.cpu)`` a conditional forward must run on the CPU (Metal
+    kernels there raise "Only supports the GPU") and agree with the GPU's."""
+    model, tok = ufb_mlx.load(MLM)
+    batch = tok(["The capital of France is [MASK]."])
+    assert backend.resolve() == "metal"
+    on_gpu = np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
+    if how == "stream":
+        ctx = mx.stream(mx.cpu)
+    else:
+        ctx = contextlib.ExitStack()
+        saved = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        ctx.callback(mx.set_default_device, saved)
+    with ctx:
+        assert backend.resolve() in ("cpu", "ops")
+        on_cpu = np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
+    # each device is within the golden tests' ATOL of the stored logits
+    np.testing.assert_allclose(on_cpu, on_gpu, atol=2 * ATOL, rtol=0)
+
+
+@on_mac
+def test_mac_explicit_metal_under_a_cpu_default():
+    x = mx.random.normal((5, 40), key=mx.random.key(0))
+    w_in, b_in = mx.random.normal((7, 40), key=mx.random.key(1)), mx.zeros((7,))
+    w_out = mx.random.normal((40, 7), key=mx.random.key(2))
+    want = np.array(mlx_fff.fff_conditional(x, w_in, b_in, w_out, 1, 2, backend="ops"))
+    with mx.stream(mx.cpu):
+        got = np.array(mlx_fff.fff_conditional(x, w_in, b_in, w_out, 1, 2, backend="metal"))
+    np.testing.assert_allclose(got, want, atol=fff_forward_tolerance(want), rtol=0)
+
+
+def test_the_rule_is_used_by_load_and_fff_layers():
+    """load() keeps the backend on every FFF layer, so each call decides by the stream
+    it runs on (not by the device at load time)."""
+    model, _ = ufb_mlx.load(MLM)
+    ffns = [layer.ffn for layer in model.encoder.layers]
+    assert ffns and all(f.backend == "auto" for f in ffns)
+    model, _ = ufb_mlx.load(MLM, backend="ops")
+    assert all(layer.ffn.backend == "ops" for layer in model.encoder.layers)
