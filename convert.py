@@ -22,7 +22,7 @@ import mlx.core as mx
 
 from ufb_mlx.cli import run
 from ufb_ref import fsio
-from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_checkpoint
+from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, load_checkpoint
 from ufb_ref.errors import UFBError
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -55,6 +55,7 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
             (tmp / CONFIG_FILE).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
             arrays = {k: mx.array(v).astype(DTYPES[dtype]) for k, v in weights.items()}
             mx.save_safetensors(str(tmp / WEIGHTS_FILE), arrays, metadata={"format": "mlx"})
+            SafetensorsFile(tmp / WEIGHTS_FILE)  # MLX does not report a failed write (a full disk)
             for name in _files(folder, TOKENIZER_FILES):
                 shutil.copyfile(folder / name, tmp / name)
     return out

@@ -111,6 +111,23 @@ def test_killed_convert_leaves_temporaries_that_the_next_convert_removes(tmp_pat
     ufb_ref.load(out)
 
 
+def test_a_weights_file_cut_short_by_a_full_disk_is_never_renamed_into_place(tmp_path, monkeypatch):
+    """MLX's writer reports no error when the disk fills (it wrote to /dev/full without
+    one): convert reads the written header back and refuses the cut file."""
+    import convert
+
+    real = convert.mx.save_safetensors
+
+    def cut_short(path, arrays, metadata=None):
+        real(path, arrays, metadata=metadata)
+        data = Path(path).read_bytes()
+        Path(path).write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(convert.mx, "save_safetensors", cut_short)
+    with pytest.raises(UFBError, match="corrupted safetensors file"):
+        convert.convert(str(MLM), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+
+
 def test_stale_temporaries_of_live_writers_and_other_folders_are_kept(tmp_path):
     out = tmp_path / "out"
     mine = tmp_path / f".out.tmp-{os.getpid()}-0123abcd"          # a live process (this one)
