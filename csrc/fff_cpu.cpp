@@ -102,6 +102,17 @@ constexpr int64_t TOKENS_PER_TASK = 64;
 
 void alloc(mx::array& a) { a.set_data(mx::allocator::malloc(a.nbytes())); }
 
+// The sizes and dtypes that ForwardArgs and BackwardArgs share.
+template <class Args>
+void set_sizes(Args& a, const mx::array& x, const mx::array& w_in, int trees, int depth) {
+  a.xt = to_dtype(x, "x");
+  a.wt = to_dtype(w_in, "w_in");
+  a.T = x.shape(0);
+  a.H = x.shape(1);
+  a.P = trees;
+  a.D = depth;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------
@@ -134,12 +145,7 @@ void FFFForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   auto &y = outputs[0], &rows = outputs[1], &z = outputs[2];
   for (auto& o : outputs) alloc(o);
   ForwardArgs a{};
-  a.xt = to_dtype(x, "x");
-  a.wt = to_dtype(w_in, "w_in");
-  a.T = x.shape(0);
-  a.H = x.shape(1);
-  a.P = trees_;
-  a.D = depth_;
+  set_sizes(a, x, w_in, trees_, depth_);
   a.y = y.data<void>();
   a.rows = rows.data<int32_t>();
   a.z = z.data<float>();
@@ -211,12 +217,7 @@ void FFFBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     d_w_out.set_data(mx::allocator::malloc(d_w_out.nbytes()), size_t(H * R), {1, H}, f);
   }
   BackwardArgs a{};
-  a.xt = to_dtype(x, "x");
-  a.wt = to_dtype(w_in, "w_in");
-  a.T = x.shape(0);
-  a.H = x.shape(1);
-  a.P = trees_;
-  a.D = depth_;
+  set_sizes(a, x, w_in, trees_, depth_);
   a.dx = dx.data<void>();
   a.d_w_in = d_w_in.data<void>();
   a.d_b_in = d_b_in.data<void>();

@@ -50,14 +50,11 @@ static inline float f16_to_f32(uint16_t h) {
     }
     bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
   }
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
+  return __builtin_bit_cast(float, bits);
 }
 
 static inline uint16_t f32_to_f16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
+  const uint32_t x = __builtin_bit_cast(uint32_t, f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7fffffffu;
   if (ax >= 0x7f800000u) {  // inf or nan
@@ -86,16 +83,10 @@ static inline uint16_t f32_to_f16(float f) {
   return uint16_t(sign | r);
 }
 
-static inline float bf16_to_f32(uint16_t h) {
-  const uint32_t bits = uint32_t(h) << 16;
-  float f;
-  memcpy(&f, &bits, 4);
-  return f;
-}
+static inline float bf16_to_f32(uint16_t h) { return __builtin_bit_cast(float, uint32_t(h) << 16); }
 
 static inline uint16_t f32_to_bf16(float f) {
-  uint32_t x;
-  memcpy(&x, &f, 4);
+  const uint32_t x = __builtin_bit_cast(uint32_t, f);
   if ((x & 0x7fffffffu) > 0x7f800000u) {
     return uint16_t((x >> 16) | 0x40u);  // quiet nan
   }

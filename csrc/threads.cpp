@@ -4,6 +4,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -36,6 +37,7 @@ class Pool {
       next_.store(0);
       wanted_ = helpers;
       busy_ = 0;
+      error_ = nullptr;
       ++generation_;
     }
     wake_.notify_all();
@@ -46,11 +48,18 @@ class Pool {
     wanted_ = 0;
     done_.wait(lock, [this] { return busy_ == 0; });
     fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);  // e.g. bad_alloc in a helper: the caller's error
   }
 
  private:
   void work() {
-    for (int64_t i; (i = next_.fetch_add(1)) < n_;) (*fn_)(i);
+    try {
+      for (int64_t i; (i = next_.fetch_add(1)) < n_;) (*fn_)(i);
+    } catch (...) {
+      next_.store(n_);  // stop handing out work
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_) error_ = std::current_exception();
+    }
   }
   void loop() {
     uint64_t seen = 0;
@@ -76,6 +85,7 @@ class Pool {
   std::atomic<int64_t> next_{0};
   int64_t n_ = 0;
   int wanted_ = 0, busy_ = 0;
+  std::exception_ptr error_;
   uint64_t generation_ = 0;
   bool stop_ = false;
 };

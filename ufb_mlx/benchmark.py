@@ -406,9 +406,8 @@ def bench_layer(opts, env) -> dict:
         return fff_descent(x_np, *np_w, P, D)
 
     missing = [b for b in ("cpu", "metal") if b not in impls]
-    notes = [f"fff_{b} arm absent: {reason}" for b, reason in
-             (("cpu", env["fff_backends"]["cpu_reason"] or "not built"),
-              ("metal", "no Metal GPU on this device")) if b in missing]
+    fb = env["fff_backends"]
+    notes = [f"fff_{b} arm absent: {fb.get(f'{b}_reason') or 'not available here'}" for b in missing]
     what = "forward + backward" if opts.backward else "forward"
     doc = {"results": [], "notes": notes}
     for T in opts.tokens:
