@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ufb_mlx  # noqa: E402  (loads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from convert import convert  # noqa: E402
-from ufb_mlx import data as D  # noqa: E402
-from ufb_mlx.pretrain import evaluate_mlm  # noqa: E402
+from ufb_mlx.convert import convert  # noqa: E402
+from ufb_mlx import data  # noqa: E402
+from ufb_mlx.evaluate import evaluate_mlm  # noqa: E402
 from ufb_mlx.train import read_log  # noqa: E402
 
 DEMO = Path(ufb_mlx.__file__).resolve().parent / "demo_model"
@@ -49,8 +49,8 @@ def run_summary(run: Path) -> dict:
 
 def heldout_set(model_dir: Path, heldout: Path, seed: int, mask_rate: float):
     model, tok = ufb_mlx.load(model_dir)
-    blocks = D.pack(tok, D.read_corpus([heldout]), model.args.max_seq_length, what="held-out corpus")
-    masker = D.Masker(tok, model.args.vocab_size, mask_rate)
+    blocks = data.pack(tok, data.read_corpus([heldout]), model.args.max_seq_length, what="held-out corpus")
+    masker = data.Masker(tok, model.args.vocab_size, mask_rate)
     inputs, labels = masker(blocks, np.random.default_rng([seed, 2**31 - 1]))  # as pretrain.py
     return model, inputs, labels
 

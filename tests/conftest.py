@@ -33,13 +33,13 @@ def cls_cases():
 
 @pytest.fixture(scope="session")
 def converted_mlm(tmp_path_factory):
-    from convert import convert
+    from ufb_mlx.convert import convert
 
     return convert(str(MLM), tmp_path_factory.mktemp("conv") / "mlm")
 
 
 @pytest.fixture(scope="session")
 def converted_cls(tmp_path_factory):
-    from convert import convert
+    from ufb_mlx.convert import convert
 
     return convert(str(CLS), tmp_path_factory.mktemp("conv") / "cls")

@@ -15,7 +15,7 @@ import pytest
 from conftest import MLM
 from refusals import assert_one_line_error, run_cli, tree_state
 from train_utils import keyword_task, load_weights, read_log, write_jsonl
-from ufb_mlx.cli import run
+from ufb_mlx.entry import errors_to_exit
 from ufb_ref import fsio
 from ufb_ref.errors import UFBError
 
@@ -195,7 +195,7 @@ def test_output_below_a_file_is_one_line(train_file, tmp_path):
 def test_cli_wrapper_turns_environment_faults_into_one_line(capsys, exc, needle):
     def main(argv):
         raise exc
-    assert run(main, []) == 2
+    assert errors_to_exit(main, []) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
 
@@ -204,7 +204,7 @@ def test_cli_wrapper_keeps_the_traceback_of_bugs():
     def main(argv):
         raise RuntimeError("an internal invariant broke")
     with pytest.raises(RuntimeError, match="internal invariant"):
-        run(main, [])
+        errors_to_exit(main, [])
 
 
 # ---------------------------------------------------------------------------- pretrain configs

@@ -1,6 +1,7 @@
 """The demo model that ships in ufb_mlx/demo_model: it loads with no network, answers
-fill-mask prompts as the default model of the generate CLI, and its held-out figures in
-the model card are reproducible from the sample that ships with it."""
+fill-mask prompts as the default model of the generate CLI, the name "demo" means it in
+load() and in every tool, and its held-out figures in the model card are reproducible from
+the sample that ships with it."""
 
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ import sys
 import numpy as np
 
 import ufb_mlx
-from ufb_mlx.generate import DEFAULT_MODEL
-from ufb_mlx.pretrain import evaluate_mlm
+from ufb_mlx.generate import build_parser
+from ufb_mlx.evaluate import evaluate_mlm
 
-from conftest import REPO
+from conftest import MLM, REPO
+from train_utils import keyword_task, run_module, toy_corpus, write_jsonl
 
 DEMO = REPO / "ufb_mlx" / "demo_model"
 
 
 def test_demo_model_is_the_generate_default_and_small():
-    assert DEFAULT_MODEL is not None and DEFAULT_MODEL == str(DEMO)
+    assert build_parser().parse_args(["--prompt", "a [MASK]"]).model == "demo" == ufb_mlx.DEMO
+    assert ufb_mlx.DEMO_MODEL == DEMO
     weights = DEMO / "model.safetensors"
     assert weights.is_file() and weights.stat().st_size <= 25 * 2**20
     cfg = json.loads((DEMO / "config.json").read_text())
@@ -63,8 +66,33 @@ def test_generate_without_model_uses_the_demo_offline():
                            "--json", "--top-k", "3"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["model"] == str(DEMO)
+    assert out["model"] == "demo"
     (result,) = out["results"]
     (mask,) = result["masks"]
     assert len(mask["candidates"]) == 3
-    assert result["completed"].startswith("the ") and "[MASK]" not in result["completed"]
+    assert result["completed"] == f"The {mask['chosen']['token']} of the river."
+
+
+def test_demo_names_the_shipped_model_everywhere(tmp_path):
+    """load("demo") and --model demo (--hf-path demo) in every tool; finetune's --model
+    defaults to it. A folder called demo is reached as ./demo."""
+    model, tok = ufb_mlx.load("demo")
+    assert model.args.vocab_size == tok.vocab_size == json.loads((DEMO / "config.json").read_text())["vocab_size"]
+    assert tok.path == DEMO / "tokenizer.json"
+
+    proc = run_module("ufb_mlx.generate", "--model", "demo", "--prompt", "The [MASK] of the river.", "--json")
+    assert json.loads(proc.stdout)["model"] == "demo"
+    train = write_jsonl(tmp_path / "t.jsonl", keyword_task(24, 0))
+    run_module("ufb_mlx.finetune", "--train", train, "--out", tmp_path / "ft", "--max-steps", "2", "--batch-size", "4")
+    ft, _ = ufb_mlx.load(tmp_path / "ft")
+    assert ft.args.source["finetuned_from"] == "demo" and ft.args.hidden_size == model.args.hidden_size
+    proc = run_module("ufb_mlx.classify", "--model", "demo", "--prompt", "a text", check=False)
+    assert proc.returncode == 2 and "'demo' is a masked-language model, not a classifier" in proc.stderr
+    corpus = toy_corpus(tmp_path / "c.txt", 400, 0)
+    run_module("ufb_mlx.pretrain", "--model", "demo", "--corpus", corpus, "--out", tmp_path / "pt", "--steps", "1",
+               "--batch-size", "2", "--eval-every", "1")
+    assert ufb_mlx.load(tmp_path / "pt")[0].args.source["pretrained_from"] == "demo"
+    run_module("convert", "--hf-path", "demo", "--mlx-path", tmp_path / "conv")
+    assert (tmp_path / "conv" / "model.safetensors").is_file()
+    proc = run_module("ufb_mlx.benchmark", "model", "--model", "demo", "--tiny", "--json")
+    assert json.loads(proc.stdout)["config"]["model"] == "demo"

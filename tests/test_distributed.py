@@ -78,3 +78,29 @@ def test_two_processes_equal_one_process_with_double_batch_pretrain(tmp_path):
     ev1 = [r["mlm_loss"] for r in read_log(one) if r["event"] == "eval"]
     ev2 = [r["mlm_loss"] for r in read_log(two) if r["event"] == "eval"]
     assert np.allclose(ev1, ev2, rtol=1e-4)
+
+
+WORLD_CHECK = """
+import sys
+import numpy as np
+import ufb_mlx.train as train
+
+world = train.World()
+assert world.size == 2
+# Integers above 2**24 (float32's exact range) sum exactly.
+big = np.array([2**40 + world.rank, 2**24 + 1], dtype=np.int64)
+assert world.sum(big).tolist() == [2**41 + 1, 2**25 + 2], world.sum(big)
+# A text of an odd number of bytes above 2**24 (which float32 cannot count exactly), with
+# multi-byte characters, arrives intact.
+want = "\u00e9t\u00e9 \U0001F431 " * 1_600_000 + "."
+got = world.broadcast_text(want if world.main else None)
+assert len(got.encode()) > 2**24 and len(got.encode()) % 2 == 1 and got == want
+print(f"rank {world.rank} ok", flush=True)
+"""
+
+
+def test_world_sums_integers_exactly_and_broadcasts_long_text(tmp_path):
+    script = tmp_path / "world_check.py"
+    script.write_text(WORLD_CHECK)
+    proc = mlx_launch(2, str(script))
+    assert proc.returncode == 0 and proc.stdout.count(" ok") == 2, proc.stdout + proc.stderr

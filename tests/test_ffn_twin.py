@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 import ufb_mlx
 import ufb_ref
-from convert import convert
+from ufb_mlx.convert import convert
 from ufb_mlx.model import Model, mlm_loss
 from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.config import ModelArgs

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -48,6 +49,29 @@ def check_candidates(mask, probs, tok, k):
     assert mask["chosen"] == cands[0]
 
 
+def expected_completion(prompt, masks):
+    """The prompt with its mask markers, found by a regular expression (not by the
+    tokenizer's offsets), replaced in order by the chosen tokens (word pieces joined)."""
+    chosen = iter(m["chosen"]["token"].removeprefix("##") for m in sorted(masks, key=lambda m: m["position"]))
+    return re.sub(r"\[MASK\]|<mask>", lambda _: next(chosen), prompt)
+
+
+@pytest.mark.parametrize("strategy", ["iterative", "parallel"])
+def test_completed_text_keeps_what_the_tokenizer_cannot_represent(strategy):
+    """Emoji, CJK, accents, capitals and runs of spaces survive: the answer is the prompt
+    as written with only the masks replaced, and each mask's span points at its marker."""
+    model, tok = ufb_mlx.load("demo")
+    prompts = ["\U0001F431\U0001F431 [MASK] \U0001F436", "Caf\u00e9 [MASK] na\u00efve \u2014 \u6771\u4eac[MASK]\u3067\u3059!",
+               "  Two  spaces,\ttab and <mask> kept  "]
+    for prompt, res in zip(prompts, fill_mask(model, tok, prompts, strategy=strategy)):
+        assert res["prompt"] == prompt
+        assert [prompt[a:b] for a, b in (m["span"] for m in res["masks"])] == re.findall(r"\[MASK\]|<mask>", prompt)
+        assert res["completed"] == expected_completion(prompt, res["masks"])
+        assert "[MASK]" not in res["completed"] and "<mask>" not in res["completed"]
+        assert sorted(m["step"] for m in res["masks"]) == (
+            list(range(1, len(res["masks"]) + 1)) if strategy == "iterative" else [1] * len(res["masks"]))
+
+
 def test_parallel_probs_equal_full_model(mt):
     model, tok = mt
     ids = tok.encode(TWO_MASKS)
@@ -56,12 +80,9 @@ def test_parallel_probs_equal_full_model(mt):
     assert [m["position"] for m in res["masks"]] == positions and len(positions) == 2
     assert res["tokens"] == len(ids) and res["prompt"] == TWO_MASKS
     for m in res["masks"]:
-        assert m["step"] == 0
+        assert m["step"] == 1
         check_candidates(m, softmax_at(model, tok, ids, m["position"]), tok, 4)
-    filled = list(ids)
-    for m in res["masks"]:
-        filled[m["position"]] = m["chosen"]["token_id"]
-    assert res["completed"] == tok.decode(filled)
+    assert res["completed"] == expected_completion(TWO_MASKS, res["masks"])
 
 
 def test_iterative_is_a_two_step_computation(mt):
@@ -69,8 +90,8 @@ def test_iterative_is_a_two_step_computation(mt):
     ids = tok.encode(TWO_MASKS)
     (par,) = fill_mask(model, tok, TWO_MASKS, top_k=5, strategy="parallel")
     (it,) = fill_mask(model, tok, TWO_MASKS, top_k=5, strategy="iterative")
-    first = next(m for m in it["masks"] if m["step"] == 0)
-    second = next(m for m in it["masks"] if m["step"] == 1)
+    first = next(m for m in it["masks"] if m["step"] == 1)
+    second = next(m for m in it["masks"] if m["step"] == 2)
     # The first fill is the parallel prediction of the most confident mask.
     par_first = next(m for m in par["masks"] if m["position"] == first["position"])
     assert first["chosen"]["prob"] == max(m["chosen"]["prob"] for m in par["masks"])
@@ -82,9 +103,7 @@ def test_iterative_is_a_two_step_computation(mt):
     step2 = list(ids)
     step2[first["position"]] = first["chosen"]["token_id"]
     check_candidates(second, softmax_at(model, tok, step2, second["position"]), tok, 5)
-    filled = list(step2)
-    filled[second["position"]] = second["chosen"]["token_id"]
-    assert it["completed"] == tok.decode(filled)
+    assert it["completed"] == expected_completion(TWO_MASKS, it["masks"])
 
 
 def test_decoder_runs_only_at_remaining_masks(mt, monkeypatch):
@@ -169,6 +188,11 @@ def test_cli_text_output():
     assert [ln.split(" (")[0].strip() for ln in lines if ln.strip().startswith("mask ")] == ["mask 1", "mask 2"]
     assert len(lines) == 1 + 2 * (1 + 3) + 1 and lines[-1].startswith("completed: ")
     assert sum("<- chosen" in ln for ln in lines) == 2
+    # The same step numbers and completion as --json gives.
+    j = json.loads(cli("--model", str(MLM), "--prompt", TWO_MASKS, "--top-k", "3", "--json").stdout)["results"][0]
+    text_steps = sorted(int(ln.rsplit("step ", 1)[1].rstrip("):")) for ln in lines if ln.strip().startswith("mask "))
+    assert text_steps == sorted(m["step"] for m in j["masks"]) == [1, 2]
+    assert lines[-1] == f"completed: {j['completed']}"
     stats = r.stderr.strip()
     assert len(stats.splitlines()) == 1 and "prompt tokens: 10" in stats
     assert "tokens/s" in stats and "peak memory" in stats
@@ -187,7 +211,7 @@ def test_cli_json_schema_and_stdin(mt):
     (res,) = out["results"]
     assert set(res) == {"prompt", "tokens", "masks", "completed"}
     for m in res["masks"]:
-        assert set(m) == {"position", "step", "candidates", "chosen"}
+        assert set(m) == {"position", "span", "step", "candidates", "chosen"}
         assert all(set(c) == {"token", "token_id", "prob"} for c in m["candidates"])
     assert_same(out["results"], fill_mask(model, tok, TWO_MASKS, strategy="parallel"))
 

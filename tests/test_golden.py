@@ -191,3 +191,17 @@ def test_float64_reference_agrees_with_float32_backends(mlm_cases):
     truth = m64(ids, mask)
     np.testing.assert_allclose(m32(ids, mask), truth, atol=ATOL, rtol=0)
     np.testing.assert_allclose(np.array(mm(ids, attention_mask=mask)), truth, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["mlm", "cls"])
+def test_training_step_minimises_the_golden_loss(mlm_cases, cls_cases, task):
+    """The trainer's loss is the golden-tested one: a step on the golden batch (scale =
+    1 / count, as one process) reports the stored loss (same 1e-5 bound)."""
+    from ufb_mlx.train import Trainer, World, make_optimizer
+
+    cases, folder, loss = (mlm_cases, MLM, mlm_loss) if task == "mlm" else (cls_cases, CLS, classification_loss)
+    model, _ = ufb_mlx.load(folder)
+    count = int((cases["labels"] != -100).sum()) if task == "mlm" else len(cases["labels"])
+    trainer = Trainer(model, make_optimizer(lambda step: mx.array(0.0)), loss, World(), seed=0)
+    batch = {k: cases[k] for k in ("input_ids", "attention_mask", "labels")}
+    assert abs(trainer.step(1, batch, 1.0 / count) - float(cases["loss"])) < ATOL

@@ -16,7 +16,7 @@ import pytest
 
 import ufb_mlx
 import ufb_ref
-from convert import convert
+from ufb_mlx.convert import convert
 from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.errors import UFBError
 

@@ -113,10 +113,12 @@ def free_port() -> int:
 
 
 def mlx_launch(n: int, module: str, *args, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``mlx.launch --backend ring -n N python -m MODULE ...`` on localhost."""
+    """``mlx.launch --backend ring -n N python -m MODULE ...`` on localhost (``python
+    SCRIPT ...`` when ``module`` is the path of a .py file)."""
     launcher = Path(sys.executable).with_name("mlx.launch")
+    target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", "ring", "-n", str(n),
-           "-p", str(free_port()), sys.executable, "-m", module, *map(str, args)]
+           "-p", str(free_port()), sys.executable, *target, *map(str, args)]
     return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
 
 

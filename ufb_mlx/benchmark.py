@@ -58,7 +58,7 @@ from ufb_ref.errors import UFBError  # noqa: E402
 
 from . import backend as backend_lib  # noqa: E402
 from . import fff as fff_lib  # noqa: E402
-from .cli import run  # noqa: E402
+from .entry import console  # noqa: E402
 from .model import Model, classification_loss, mlm_loss  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -502,7 +502,7 @@ def _inputs(args: ModelArgs, B: int, S: int, seed: int):
     return ids, mask, pos
 
 
-def fill_mask(model: Model, ids, mask, pos):
+def mask_logits(model: Model, ids, mask, pos):
     """Logits at one mask position per sequence only: (B, vocab)."""
     h = model.encode(ids, mask)
     rows = mx.take_along_axis(h, pos[:, None, None], axis=1)[:, 0]
@@ -521,7 +521,7 @@ def _peak_fill_mask(model: Model, args: ModelArgs, B: int, S: int) -> dict:
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
-    mx.eval(fill_mask(model, ids, mask, pos))
+    mx.eval(mask_logits(model, ids, mask, pos))
     peak = mx.get_peak_memory()
     wb = _weights_bytes(model)
     return {"batch": B, "seq": S, "weights_bytes": wb, "peak_bytes": peak, "ratio": peak / wb}
@@ -618,9 +618,9 @@ def bench_model(opts, env) -> dict:
                     Arm(d, lambda: dense(ids, attention_mask=mask),
                         f"full forward, masked-dense FFF, {what}", dense_blas=True)]
             if mlm:
-                arms += [Arm(cf, lambda: fill_mask(cond, ids, mask, pos),
+                arms += [Arm(cf, lambda: mask_logits(cond, ids, mask, pos),
                              "encode + logits at 1 mask per sequence (B, vocab)"),
-                         Arm(df, lambda: fill_mask(dense, ids, mask, pos),
+                         Arm(df, lambda: mask_logits(dense, ids, mask, pos),
                              "masked-dense encode + logits at the mask rows", dense_blas=True)]
             if hf is not None:
                 setup = hf.ask(cmd="setup", batch=B, seq=S)
@@ -808,5 +808,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

@@ -33,7 +33,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -45,8 +44,9 @@ from ufb_ref.model import classify, mlm_logits
 from ufb_ref.tokenizer import Tokenizer, pad_batch
 
 from . import backend as backend_lib
-from .cli import run
+from .entry import console
 from .fff import fff_conditional
+from .model import DEMO_MODEL
 
 # ---- tolerances (shared with the test suite) ---------------------------------------------
 
@@ -94,7 +94,6 @@ def near_ties(x, w_in, b_in, trees: int, depth: int, eps: float = TIE_EPS) -> np
 
 # ---- what is checked ------------------------------------------------------------------
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 SENTENCES = [
     "The President shall deliver a message to the [MASK] on the state of the union.",
     "In the beginning God created the heaven and the [MASK].",
@@ -433,5 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if doc["ok"] else 1
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

@@ -18,18 +18,16 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ufb_ref.errors import UFBError
 
-from . import data as D
-from . import metrics as M
-from .cli import run
-from .finetune import predict
+from . import data
+from .entry import console
+from .evaluate import label_names, label_scores, predict, task_metrics
 from .model import FFF_MODES, load
+from .progress import Progress
 
 
-def read_inputs(a) -> list[D.Example]:
+def read_inputs(a) -> list[data.Example]:
     if a.prompt:
         pairs = a.pair or []
         if pairs and len(pairs) != len(a.prompt):
@@ -37,31 +35,31 @@ def read_inputs(a) -> list[D.Example]:
         out = []
         for i, text in enumerate(a.prompt):
             where = f"--prompt {i + 1}"
-            out.append(D.Example(D._check_text(text, "prompt", where),
-                                 D._check_text(pairs[i], "pair", where, optional=True) if pairs else None,
+            out.append(data.Example(data.check_text(text, "prompt", where),
+                                 data.check_text(pairs[i], "pair", where, optional=True) if pairs else None,
                                  None, where))
         return out
     if a.pair:
         raise UFBError("--pair goes with --prompt; a --file gives pairs in its text_pair column")
     path = Path(a.file)
     if a.format == "auto" and path.suffix.lower() == ".txt":
-        lines = D._read_text(path).splitlines()
-        ex = [D.Example(line.strip(), None, None, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
+        lines = data.read_text(path).splitlines()
+        ex = [data.Example(line.strip(), None, None, f"{path}:{n}") for n, line in enumerate(lines, 1) if line.strip()]
         if not ex:
             raise UFBError(f"{path}: no texts")
         return ex
-    return D.read_examples(path, a.format, a.text_column, a.pair_column, a.label_column, need_label=False)
+    return data.read_examples(path, a.format, a.text_column, a.pair_column, a.label_column, need_label=False)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ufb_mlx.classify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="classifier folder (e.g. the --out of ufb_mlx.finetune)")
+    p.add_argument("--model", required=True, help="classifier folder (e.g. the --out of ufb_mlx.finetune) or Hub id")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a text to classify (repeatable)")
     src.add_argument("--file", help="texts to classify: .jsonl, .csv, .tsv (text, optional text_pair and label) or .txt")
     p.add_argument("--pair", action="append", help="second text of a pair, one per --prompt")
-    p.add_argument("--format", choices=("auto",) + D.FORMATS, default="auto")
+    p.add_argument("--format", choices=("auto",) + data.FORMATS, default="auto")
     p.add_argument("--text-column", default="text")
     p.add_argument("--pair-column", default="text_pair")
     p.add_argument("--label-column", default="label")
@@ -79,38 +77,23 @@ def main(argv=None) -> int:
         raise UFBError(f"'{a.model}' is a masked-language model, not a classifier; fine-tune it first "
                        "(python -m ufb_mlx.finetune) or use python -m ufb_mlx.generate")
     examples = read_inputs(a)
-    seqs, _ = D.TextEncoder(tok, args.max_seq_length)(examples)
-    logits = predict(model, seqs, tok.pad_token_id, a.batch_size)
+    seqs, _ = data.TextEncoder(tok, args.max_seq_length)(examples)
+    with Progress(len(seqs), "classify", "text") as progress:  # stderr: a bar, or a line every 10 s
+        logits = predict(model, seqs, tok.pad_token_id, a.batch_size, on_batch=progress.update)
     regression = args.problem_type == "regression"
-    names = [(args.id2label or {}).get(str(i), f"LABEL_{i}") for i in range(args.num_labels)]
+    results = [{"text": ex.text, "text_pair": ex.text_pair, **scores}
+               for ex, scores in zip(examples, label_scores(model, logits, a.top_k))]
 
-    results = []
-    if regression:
-        for ex, z in zip(examples, logits[:, 0]):
-            results.append({"text": ex.text, "text_pair": ex.text_pair, "value": float(z)})
-    else:
-        z = logits - logits.max(1, keepdims=True)
-        probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
-        k = min(a.top_k, args.num_labels)
-        for ex, pr in zip(examples, probs):
-            top = np.argsort(-pr, kind="stable")[:k]
-            results.append({"text": ex.text, "text_pair": ex.text_pair, "label": names[top[0]],
-                            "score": float(pr[top[0]]),
-                            "top": [{"label": names[i], "score": float(pr[i])} for i in top]})
-
-    metrics = None
-    labelled = [ex for ex in examples if ex.label is not None]
-    if labelled and len(labelled) == len(examples):
-        if regression:
-            metrics = M.regression_metrics(D.regression_targets(examples), logits[:, 0])
-        else:
-            y = D.encode_labels(examples, names)
-            metrics = M.classification_metrics(y, logits.argmax(1), args.num_labels)
+    measured = None
+    if all(ex.label is not None for ex in examples):
+        targets = (data.regression_targets(examples) if regression
+                   else data.encode_labels(examples, label_names(model)))
+        measured = task_metrics(model, logits, targets)
 
     if a.json:
         from .train import clean_tree
 
-        print(json.dumps(clean_tree({"model": str(a.model), "results": results, "metrics": metrics})))
+        print(json.dumps(clean_tree({"model": str(a.model), "results": results, "metrics": measured})))
     else:
         for r in results:
             text = r["text"] if r["text_pair"] is None else f"{r['text']} ||| {r['text_pair']}"
@@ -119,11 +102,13 @@ def main(argv=None) -> int:
             else:
                 shown = "  ".join(f"{t['label']} {t['score']:.4f}" for t in r["top"])
                 print(f"{shown}\t{text}")
-        if metrics:
-            print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" on {len(examples)} labelled examples",
+        if measured:
+            print(" | ".join(f"{k} {v:.4f}" for k, v in measured.items()) + f" on {len(examples)} labelled examples",
                   file=sys.stderr)
     return 0
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

@@ -55,7 +55,7 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     return found
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.exists():
         raise UFBError(f"{path}: no such file")
     if not path.is_file():
@@ -68,7 +68,7 @@ def _read_text(path: Path) -> str:
         raise UFBError(f"{path}:{line}: not valid UTF-8 text") from e
 
 
-def _check_text(value, column: str, where: str, optional: bool = False) -> str | None:
+def check_text(value, column: str, where: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
     if not isinstance(value, str):
@@ -105,7 +105,7 @@ def read_examples(path, fmt: str = "auto", text_column: str = "text", pair_colum
     ``need_label``; other fields are ignored."""
     path = Path(path)
     fmt = detect_format(path, fmt)
-    content = _read_text(path)
+    content = read_text(path)
     examples = (_read_jsonl if fmt == "jsonl" else _read_delimited)(
         path, content, fmt, text_column, pair_column, label_column, need_label)
     if not examples:
@@ -131,8 +131,8 @@ def _read_jsonl(path, content, fmt, text_col, pair_col, label_col, need_label):
             raise UFBError(f"{where}: expected a JSON object with a '{text_col}' field, got {type(row).__name__}")
         if text_col not in row:
             raise UFBError(f"{where}: no '{text_col}' field")
-        text = _check_text(row[text_col], text_col, where)
-        pair = _check_text(row.get(pair_col), pair_col, where, optional=True)
+        text = check_text(row[text_col], text_col, where)
+        pair = check_text(row.get(pair_col), pair_col, where, optional=True)
         label = None
         if label_col in row:
             label = _check_label(row[label_col], label_col, where)
@@ -165,8 +165,8 @@ def _read_delimited(path, content, fmt, text_col, pair_col, label_col, need_labe
                 continue
             if len(row) != len(header):
                 raise UFBError(f"{where}: {len(row)} fields, but the header has {len(header)}")
-            text = _check_text(row[ti], text_col, where)
-            pair = _check_text(row[pi], pair_col, where, optional=True) if pi is not None else None
+            text = check_text(row[ti], text_col, where)
+            pair = check_text(row[pi], pair_col, where, optional=True) if pi is not None else None
             label = _check_label(row[li], label_col, where) if li is not None else None
             out.append(Example(text, pair, label, where))
         return out
@@ -270,16 +270,6 @@ class TextEncoder:
         return [e.ids for e in encs], sum(1 for e in encs if e.overflowing)
 
 
-def pad_to(sequences: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask), right-padded with ``pad_id`` to ``length``."""
-    ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
-    mask = np.zeros((len(sequences), length), dtype=np.int32)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-    return ids, mask
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The data order of an epoch: a pure function of (seed, epoch), so that a resumed
     run sees exactly the batches an uninterrupted one sees."""
@@ -319,22 +309,29 @@ def read_corpus(files: list[Path]) -> list[str]:
     """Non-blank lines of the corpus files, stripped; each is a document segment."""
     lines: list[str] = []
     for f in files:
-        lines.extend(line.strip() for line in _read_text(f).splitlines() if line.strip())
+        lines.extend(line.strip() for line in read_text(f).splitlines() if line.strip())
     if not lines:
         raise UFBError(f"corpus ({', '.join(map(str, files[:3]))}{', ...' if len(files) > 3 else ''}) "
                        "holds no text")
     return lines
 
 
-def pack(tokenizer: Tokenizer, lines: list[str], block: int, what: str = "corpus") -> np.ndarray:
+def pack(tokenizer: Tokenizer, lines: list[str], block: int, what: str = "corpus", on_lines=None) -> np.ndarray:
     """Tokenise each line with the model's single-text template (``A <sep>``), concatenate
-    everything and cut it into blocks of ``block`` tokens; the incomplete tail is dropped."""
+    everything and cut it into blocks of ``block`` tokens; the incomplete tail is dropped.
+    ``on_lines(n)`` is told of every ``n`` lines done (progress)."""
     from tokenizers import Tokenizer as HFTokenizer
 
     hf = HFTokenizer.from_file(str(tokenizer.path))
     hf.no_padding()
     hf.no_truncation()
-    ids = np.fromiter((t for enc in hf.encode_batch(lines) for t in enc.ids), dtype=np.int32)
+    chunks = []
+    for i in range(0, len(lines), 20_000):
+        part = lines[i:i + 20_000]
+        chunks.append(np.fromiter((t for enc in hf.encode_batch(part) for t in enc.ids), dtype=np.int32))
+        if on_lines is not None:
+            on_lines(len(part))
+    ids = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     n = len(ids) // block
     if n == 0:
         raise UFBError(f"{what} is too small: {len(ids)} tokens, less than one block of {block} (max_seq_length)")
@@ -370,11 +367,36 @@ class Masker:
 # A WordPiece tokenizer like the released model's
 
 
+# Continuation characters (BERT's "##x") are trained as characters of their own, shifted
+# into a private-use plane, so that the plain BPE trainer, whose ids then all come from the
+# sorted alphabet, breaks its ties the same way in every run.
+_CONTINUATION = 0xF0000
+
+
+def _continued(word: str) -> str:
+    return word[0] + "".join(chr(_CONTINUATION + ord(c)) for c in word[1:])
+
+
+def _wordpiece_token(token: str) -> str:
+    """A trained token back in WordPiece spelling: shifted characters unshifted, "##" in
+    front of a token that starts inside a word."""
+    plain = "".join(chr(ord(c) - _CONTINUATION) if ord(c) >= _CONTINUATION else c for c in token)
+    return "##" + plain if ord(token[0]) >= _CONTINUATION else plain
+
+
 def train_wordpiece(lines: list[str], vocab_size: int, min_frequency: int = 2):
     """A ``tokenizers`` WordPiece tokenizer with the released model's normaliser
     (`` and '' to ", NFD, lower case, strip accents, squeeze spaces, drop non-ASCII),
     whitespace pre-tokeniser, special tokens (``<unk> <cls> <s> </s> <mask> <sep> <pad>``,
-    ids 0-6 in that order) and templates (``A <sep>``, ``<cls> A <sep> B <sep>``)."""
+    ids 0-6 in that order) and templates (``A <sep>``, ``<cls> A <sep> B <sep>``).
+
+    The vocabulary is learnt as ``tokenizers``' WordPiece trainer learns it (merges of the
+    most frequent pair of pieces, word-initial and continuation pieces kept apart), but
+    deterministically: the same lines give the same file in every run. (The library's
+    WordPiece trainer numbers the continuation characters in hash order, which changes
+    from run to run, and breaks ties between equally frequent pairs by those numbers.) Here
+    ties go to the pair of lower code points, and two pieces that spell the same string are
+    one token."""
     from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers import processors, trainers
 
@@ -382,23 +404,39 @@ def train_wordpiece(lines: list[str], vocab_size: int, min_frequency: int = 2):
     assert sorted(specials) == sorted(SPECIAL_TOKENS)
     if vocab_size <= len(specials):
         raise UFBError(f"vocab size must exceed the {len(specials)} special tokens, got {vocab_size}")
-    tok = HFTokenizer(models.WordPiece(unk_token="<unk>", continuing_subword_prefix="##",
-                                       max_input_chars_per_word=100))
-    tok.normalizer = normalizers.Sequence([
+    normalizer = normalizers.Sequence([
         normalizers.Replace("``", '"'), normalizers.Replace("''", '"'), normalizers.NFD(),
         normalizers.Lowercase(), normalizers.StripAccents(), normalizers.Replace(Regex(" {2,}"), " "),
         normalizers.Replace(Regex(r"[^\x00-\x7F]+"), ""),
     ])
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=specials, continuing_subword_prefix="##",
-                                        show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    pre_tokenizer = pre_tokenizers.Whitespace()
+
+    # The words the tokenizer will see, counted; then a plain BPE over their characters.
+    counts: dict[str, int] = {}
+    for line in lines:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(line)):
+            counts[word] = counts.get(word, 0) + 1
+    words = {_continued(w): c for w, c in counts.items()}
+    alphabet = sorted({c for w in words for c in w})
+    bpe = HFTokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(((w + " ") * c for w, c in sorted(words.items())), trainer=trainer, length=len(words))
+    vocab: dict[str, int] = {}
+    for token, _ in sorted(bpe.get_vocab().items(), key=lambda kv: kv[1]):
+        vocab.setdefault(token if token in specials else _wordpiece_token(token), len(vocab))
+
+    tok = HFTokenizer(models.WordPiece(vocab, unk_token="<unk>", continuing_subword_prefix="##",
+                                       max_input_chars_per_word=100))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     cls_id, sep_id = tok.token_to_id("<cls>"), tok.token_to_id("<sep>")
     tok.post_processor = processors.TemplateProcessing(
         single="$A <sep>", pair="<cls> $A <sep> $B <sep>",
         special_tokens=[("<cls>", cls_id), ("<sep>", sep_id)])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.add_special_tokens(specials)
     return tok
 
 

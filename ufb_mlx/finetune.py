@@ -25,21 +25,26 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
 from ufb_ref.checkpoint import CONFIG_FILE, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
+from ufb_ref.tokenizer import pad_batch
 
-from . import data as D
-from . import metrics as M
-from . import train as T
-from .cli import run
-from .model import FFF_MODES, Model, load
+from . import data, metrics, train
+from .entry import console
+from .evaluate import evaluate_classifier
+from .model import DEMO, FFF_MODES, Model, classification_loss, load, model_location, save_model
 
 TASKS = ("classification", "regression")
+# The defaults of --lr and --epochs. Everything else (AdamW betas 0.9/0.98, eps 1e-6, weight
+# decay 0.01, batch 16, cosine schedule with 10 % warm-up, dropout 0.1) is the paper's in both.
+RECIPES = {
+    "paper": {"lr": 4e-5, "epochs": 5, "about": "the paper's GLUE recipe for the 16-layer model"},
+}
+DEFAULT_RECIPE = "paper"
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,49 +76,13 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
     args = ModelArgs.from_dict(params)
     mx.random.seed(seed)
     model = Model(args, fff_mode)
-    T.init_normal(model.pooler)
-    T.init_normal(model.head)
+    train.init_normal(model.pooler)
+    train.init_normal(model.head)
     weights = [(k, v) for k, v in tree_flatten(base.parameters())
                if k.startswith("encoder.") or (keep and k.startswith(("pooler.", "head.")))]
     model.load_weights(weights, strict=False)
     mx.eval(model.parameters())
     return model, keep
-
-
-def loss_fn(model: Model, batch: dict, scale):
-    """Sum of the per-example losses (cross-entropy, or squared error for regression)
-    times ``scale``; ``weights`` zero out padding rows."""
-    logits = model(batch["input_ids"], batch["attention_mask"]).astype(mx.float32)
-    if model.args.problem_type == "regression":
-        per = mx.square(logits[:, 0] - batch["labels"])
-    else:
-        per = nn.losses.cross_entropy(logits, batch["labels"], reduction="none")
-    return (per * batch["weights"]).sum() * scale
-
-
-def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> np.ndarray:
-    """Logits (N, num_labels) in float32, in the order of ``seqs`` (batched by length)."""
-    model.eval()
-    order = np.argsort([len(s) for s in seqs], kind="stable")
-    out = np.zeros((len(seqs), model.args.num_labels), dtype=np.float32)
-    for i in range(0, len(seqs), batch_size):
-        rows = order[i:i + batch_size]
-        chunk = [seqs[r] for r in rows]
-        ids, mask = D.pad_to(chunk, max(map(len, chunk)), pad_id)
-        logits = model(mx.array(ids), mx.array(mask)).astype(mx.float32)
-        out[rows] = np.array(logits)
-    return out
-
-
-def evaluate(model: Model, seqs, targets, pad_id: int, batch_size: int) -> dict[str, float]:
-    logits = predict(model, seqs, pad_id, batch_size)
-    if model.args.problem_type == "regression":
-        preds = logits[:, 0]
-        return {**M.regression_metrics(targets, preds), "loss": M.mse(preds, targets)}
-    z = logits.astype(np.float64) - logits.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    loss = float(-logp[np.arange(len(targets)), targets].mean()) + 0.0  # never "-0.0"
-    return {**M.classification_metrics(targets, logits.argmax(1), model.args.num_labels), "loss": loss}
 
 
 # ---------------------------------------------------------------------------------------
@@ -123,41 +92,54 @@ def evaluate(model: Model, seqs, targets, pad_id: int, batch_size: int) -> dict[
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder or Hub id (MLM or classifier)")
+    p.add_argument("--model", default=DEMO,
+                   help="model folder, Hub id or 'demo' (the model shipped in the package; default); "
+                        "an MLM or a classifier")
     p.add_argument("--train", required=True, help="training data (.jsonl, .csv or .tsv)")
     p.add_argument("--valid", help="validation data, evaluated after every epoch")
     p.add_argument("--task", choices=TASKS, default="classification")
     p.add_argument("--out", required=True, help="output folder: the best model, checkpoints, log.jsonl")
     d = p.add_argument_group("data")
-    d.add_argument("--format", choices=("auto",) + D.FORMATS, default="auto", help="default: from the file suffix")
+    d.add_argument("--format", choices=("auto",) + data.FORMATS, default="auto", help="default: from the file suffix")
     d.add_argument("--text-column", default="text")
     d.add_argument("--pair-column", default="text_pair")
     d.add_argument("--label-column", default="label")
     d.add_argument("--max-length", type=int, help="truncate inputs to this many tokens (default: the model's max_seq_length)")
-    o = p.add_argument_group("optimisation (defaults: the paper's recipe)")
-    o.add_argument("--lr", type=float, default=4e-5)
+    o = p.add_argument_group("optimisation")
+    o.add_argument("--recipe", choices=tuple(RECIPES), default=DEFAULT_RECIPE,
+                   help="the defaults of --lr and --epochs: " + "; ".join(
+                       f"{k}: {v['about']} (lr {v['lr']:g}, {v['epochs']} epochs)" for k, v in RECIPES.items())
+                   + f" (default {DEFAULT_RECIPE})")
+    o.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     o.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98))
     o.add_argument("--eps", type=float, default=1e-6)
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--batch-size", type=int, default=16, help="per process (default 16)")
-    o.add_argument("--epochs", type=int, default=5)
-    o.add_argument("--schedule", choices=T.SCHEDULES, default="cosine")
+    o.add_argument("--epochs", type=int, help="passes over the training data (default: the recipe's)")
+    o.add_argument("--max-steps", type=int,
+                   help="train exactly this many optimizer steps instead of whole epochs (the schedule spans them)")
+    o.add_argument("--schedule", choices=train.SCHEDULES, default="cosine")
     o.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of all steps (default 0.1)")
     o.add_argument("--dropout", type=float, default=0.1)
     o.add_argument("--grad-clip", type=float, default=0.0, help="max global gradient norm (0: off)")
     o.add_argument("--seed", type=int, default=0)
     m = p.add_argument_group("model")
+    m.add_argument("--init", choices=("pretrained", "random"), default="pretrained",
+                   help="random: the same architecture and tokenizer with fresh weights (a baseline)")
     m.add_argument("--head-dim", type=int, help="pooler width of a new head (default: the checkpoint's)")
     m.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
-    m.add_argument("--metric", choices=tuple(M.HIGHER_IS_BETTER),
+    m.add_argument("--metric", choices=tuple(metrics.HIGHER_IS_BETTER),
                    help="selects the best model (default: accuracy; pearson for regression)")
-    T.add_run_arguments(p, save_every=0, save_help="checkpoint every N steps (0: at epoch ends only)")
+    train.add_run_arguments(p, save_every=0, save_help="checkpoint every N steps (0: at epoch ends only)")
     return p
 
 
 def _check_args(a) -> None:
+    recipe = RECIPES[a.recipe]
+    a.lr = recipe["lr"] if a.lr is None else a.lr
+    a.epochs = recipe["epochs"] if a.epochs is None else a.epochs
     positive = {"--batch-size": a.batch_size, "--epochs": a.epochs, "--eval-batch-size": a.eval_batch_size,
-                "--log-every": a.log_every, "--keep": a.keep}
+                "--log-every": a.log_every, "--keep": a.keep, "--max-steps": a.max_steps or 1}
     for name, v in positive.items():
         if v < 1:
             raise UFBError(f"{name} must be at least 1, got {v}")
@@ -176,7 +158,7 @@ def _check_args(a) -> None:
     if a.resume and a.force:
         raise UFBError("--resume and --force exclude each other")
     metric = a.metric or ("pearson" if a.task == "regression" else "accuracy")
-    allowed = (M.REGRESSION_METRICS if a.task == "regression" else M.CLASSIFICATION_METRICS) + ("loss",)
+    allowed = (metrics.REGRESSION_METRICS if a.task == "regression" else metrics.CLASSIFICATION_METRICS) + ("loss",)
     if metric not in allowed:
         raise UFBError(f"--metric {metric} does not fit --task {a.task} (choose from {', '.join(allowed)})")
     a.metric = metric
@@ -190,71 +172,74 @@ def main(argv=None) -> int:
 def _main(argv, held: contextlib.ExitStack) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
-    world = T.World()
+    world = train.World()
     out = Path(a.out)
 
     # Everything a bad input can break is checked before the output folder is touched.
-    base_folder = resolve(a.model)
+    base_folder = resolve(model_location(a.model))
     if out.resolve() == base_folder.resolve():
         raise UFBError("--out must differ from --model (the model folder would be overwritten)")
-    T.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
+    train.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
+    logger = train.Logger(out, world, a.quiet)
+    logger.print(f"loading {a.model}, reading and tokenising {a.train}" + (f" and {a.valid}" if a.valid else ""))
     base, tok = load(a.model, fff_mode=a.fff_mode)
     max_length = a.max_length or base.args.max_seq_length
     if max_length > base.args.max_seq_length:
         raise UFBError(f"--max-length {max_length} exceeds the model's max_seq_length {base.args.max_seq_length}")
     cols = dict(fmt=a.format, text_column=a.text_column, pair_column=a.pair_column, label_column=a.label_column)
-    train_ex = D.read_examples(a.train, **cols)
-    valid_ex = D.read_examples(a.valid, **cols) if a.valid else []
+    train_ex = data.read_examples(a.train, **cols)
+    valid_ex = data.read_examples(a.valid, **cols) if a.valid else []
     regression = a.task == "regression"
     if regression:
         labels, id2label = None, None
-        y_train, y_valid = D.regression_targets(train_ex), D.regression_targets(valid_ex)
+        y_train, y_valid = data.regression_targets(train_ex), data.regression_targets(valid_ex)
     else:
-        labels = D.build_labels(train_ex, a.train)
+        labels = data.build_labels(train_ex, a.train)
         id2label = {str(i): k for i, k in enumerate(labels)}
-        y_train, y_valid = D.encode_labels(train_ex, labels), D.encode_labels(valid_ex, labels)
-    encoder = D.TextEncoder(tok, max_length)
+        y_train, y_valid = data.encode_labels(train_ex, labels), data.encode_labels(valid_ex, labels)
+    encoder = data.TextEncoder(tok, max_length)
     x_train, cut_train = encoder(train_ex)
     x_valid, cut_valid = encoder(valid_ex) if valid_ex else ([], 0)
     world.check_same("training data", _digest(x_train, y_train))
-    held.enter_context(T.lock_out(out, world))
-    resume_from = T.prepare_out(out, world, a.resume, a.force)
+    held.enter_context(train.lock_out(out, world))
+    resume_from = train.prepare_out(out, world, a.resume, a.force)
 
     source = {"finetuned_from": str(a.model), "task": a.task, "train": str(a.train)}
     model, kept = build_classifier(base, tok.path.parent, 1 if regression else len(labels), regression,
                                    id2label, a.head_dim, a.seed, a.fff_mode, source)
     del base
+    if a.init == "random":  # a baseline: the same architecture and tokenizer, nothing learnt
+        mx.random.seed(a.seed)
+        train.init_model(model)
+        kept = False
     model.set_dropout(a.dropout)
 
     n = len(x_train)
     global_batch = a.batch_size * world.size
     steps_per_epoch = math.ceil(n / global_batch)
-    total = steps_per_epoch * a.epochs
-    schedule = T.make_schedule(a.schedule, a.lr, total, a.warmup)
-    optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = T.Trainer(model, optimizer, loss_fn, world, a.seed, a.grad_clip)
-    logger = T.Logger(out, world, a.quiet)
+    total = a.max_steps or steps_per_epoch * a.epochs
+    schedule = train.make_schedule(a.schedule, a.lr, total, a.warmup)
+    optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
+    trainer = train.Trainer(model, optimizer, classification_loss, world, a.seed, a.grad_clip)
 
     # What determines the result: a resumed run must agree on all of it.
-    run_cfg = {"model": str(a.model), "task": a.task, "labels": labels, "train_examples": n,
-               "train_hash": _digest(x_train, y_train), "valid_hash": _digest(x_valid, y_valid),
-               "lr": a.lr, "betas": list(a.betas), "eps": a.eps, "weight_decay": a.weight_decay,
-               "batch_size": a.batch_size, "processes": world.size, "epochs": a.epochs,
-               "schedule": a.schedule, "warmup": a.warmup, "dropout": a.dropout, "grad_clip": a.grad_clip,
-               "seed": a.seed, "head_dim": model.args.head_dim, "fff_mode": a.fff_mode, "metric": a.metric,
-               "max_length": max_length}
+    run_cfg = train.fingerprint(a, ("train", "valid"), labels=labels, train_examples=n,
+                                train_hash=_digest(x_train, y_train), valid_hash=_digest(x_valid, y_valid),
+                                processes=world.size, head_dim=model.args.head_dim, max_length=max_length)
     best = {"metric": a.metric, "value": None, "step": None, "epoch": None, "metrics": None}
     start = 0
     if resume_from is not None:
-        state = T.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, total)
+        state = train.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, total)
         start, best = state["step"], state.get("best", best)
     else:
         logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
                      + (f", {len(x_valid)} validation" if valid_ex else "")
                      + (f", labels {labels}" if labels else "")
-                     + f"; {a.epochs} epochs x {steps_per_epoch} steps, batch {a.batch_size}"
+                     + (f"; {total} steps ({total / steps_per_epoch:.2f} epochs of {steps_per_epoch})" if a.max_steps
+                        else f"; {a.epochs} epochs x {steps_per_epoch} steps") + f", batch {a.batch_size}"
                      + (f" x {world.size} processes" if world.size > 1 else "")
-                     + ("; head kept from the checkpoint" if kept else "; new classification head"))
+                     + ("; random weights (--init random)" if a.init == "random"
+                        else "; head kept from the checkpoint" if kept else "; new classification head"))
         for what, cut in (("training", cut_train), ("validation", cut_valid)):
             if cut:
                 logger.print(f"note: {cut} {what} examples truncated to {max_length} tokens")
@@ -272,48 +257,48 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         epoch, i = divmod(step - 1, steps_per_epoch)
         if epoch not in orders:
             orders.clear()
-            orders[epoch] = D.epoch_order(n, a.seed, epoch)
+            orders[epoch] = data.epoch_order(n, a.seed, epoch)
         rows = orders[epoch][i * global_batch:(i + 1) * global_batch]
         length = max(len(x_train[r]) for r in rows)
-        local = D.shard(rows, world.rank, world.size)
+        local = data.shard(rows, world.rank, world.size)
         weights = np.ones(len(local), dtype=np.float32)
         if not len(local):  # fewer rows than processes in the last batch: a zero-weight row
             local, weights = rows[:1], np.zeros(1, dtype=np.float32)
-        ids, mask = D.pad_to([x_train[r] for r in local], length, pad_id)
-        batch = {"input_ids": mx.array(ids), "attention_mask": mx.array(mask),
+        padded = pad_batch([x_train[r] for r in local], pad_id, length)
+        batch = {"input_ids": mx.array(padded["input_ids"]), "attention_mask": mx.array(padded["attention_mask"]),
                  "labels": mx.array(y_train_mx[local]), "weights": mx.array(weights)}
         return batch, world.size / len(rows), int(sum(len(x_train[r]) for r in rows))
 
     def after_step(step):
         nonlocal best
-        epoch_end = step % steps_per_epoch == 0
+        epoch_end = step % steps_per_epoch == 0 or step == total  # (--max-steps may end mid-epoch)
         epoch = (step - 1) // steps_per_epoch + 1
         if epoch_end and valid_ex:
-            res = evaluate(model, x_valid, y_valid, pad_id, a.eval_batch_size)
-            improved = M.is_better(a.metric, res[a.metric], best["value"], res["loss"],
+            res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)
+            improved = metrics.is_better(a.metric, res[a.metric], best["value"], res["loss"],
                                    (best["metrics"] or {}).get("loss"))
             if improved:
                 best = {"metric": a.metric, "value": res[a.metric], "step": step, "epoch": epoch, "metrics": res}
                 if world.main:
-                    T.save_model(out, model, model.args, tok.path.parent)
+                    save_model(out, model, model.args, tok.path.parent)
             shown = " | ".join(f"{k} {v:.4f}" for k, v in res.items())
             logger.print(f"eval epoch {epoch} step {step} | {shown}" + (" | best, saved" if improved else ""))
             logger.record("eval", step=step, epoch=epoch, best=improved, **res)
         elif epoch_end and world.main:  # no validation data: the latest model is the result
-            T.save_model(out, model, model.args, tok.path.parent)
+            save_model(out, model, model.args, tok.path.parent)
             best = {"metric": None, "value": None, "step": step, "epoch": epoch, "metrics": None}
         if epoch_end or (a.save_every and step % a.save_every == 0) or step == total:
             if world.main:
-                path = T.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
+                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
                 logger.print(f"checkpoint step {step} -> {path}")
             logger.record("checkpoint", step=step)
             world.barrier()
 
-    T.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
+    train.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
                  after_step=after_step, log_every=a.log_every,
                  describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
     if world.main:
-        T.atomic_write_text(out / "train_results.json", json.dumps(T.clean_tree(best), indent=2) + "\n")
+        train.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
     if best["value"] is not None:
         logger.print(f"best {a.metric} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']}); "
                      f"model saved in {out}")
@@ -328,5 +313,7 @@ def _digest(x, y) -> str:
     return hashlib.sha256(json.dumps([x, np.asarray(y).tolist()]).encode()).hexdigest()[:16]
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

@@ -2,7 +2,8 @@
 --prompt "The capital of France is [MASK]."``
 
 For each mask of a prompt, in order of position, it prints the top-k candidate tokens with
-their probabilities and the token chosen, then the completed sentence. Several masks are
+their probabilities and the token chosen, then the prompt as written with its masks
+filled in. Several masks are
 filled one at a time, most confident first (``--strategy iterative``: re-encode, predict
 the remaining masks, fill the one whose best candidate is most probable, repeat), or all at
 once from a single pass (``--strategy parallel``). The decoder runs only on the hidden
@@ -19,12 +20,14 @@ JSON output (``--json``), one object on stdout::
         "tokens": int,                              # its length in tokens (with <sep>)
         "masks": [                                  # one per mask, in order of position
           {"position": int,                         # token index in the encoded prompt
-           "step": int,                             # 0-based fill step (iterative order;
-                                                    #   always 0 for parallel)
+           "span": [int, int],                      # its characters in the prompt: start, end
+           "step": int,                             # fill step, 1-based as in the text output
+                                                    #   (iterative order; always 1 for parallel)
            "candidates": [{"token": str, "token_id": int, "prob": float}, ...],
                                                     # top-k, prob descending
            "chosen": {"token": str, "token_id": int, "prob": float}}],
-        "completed": str}],                         # filled ids decoded, no special tokens
+        "completed": str}],                         # the prompt as written, each mask's span
+                                                    #   replaced by its chosen token
      "stats": {"prompt_tokens": int,                # sum of the prompts' lengths
                "encoded_tokens": int,               # tokens run through the encoder, all
                                                     #   passes (iterative: one per mask step)
@@ -53,13 +56,10 @@ import numpy as np
 from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import pad_batch
 
-from .cli import run
-from .model import load
+from .entry import console
+from .model import DEMO, load
+from .progress import Progress
 from .train import clean_tree
-
-# The model used when --model is not given: the small demo model that ships inside the
-# package (ufb_mlx/demo_model, see its README.md), so the tool works offline.
-DEFAULT_MODEL: str | None = str(Path(__file__).resolve().parent / "demo_model")
 
 STRATEGIES = ("iterative", "parallel")
 
@@ -95,7 +95,7 @@ def encode_prompts(tokenizer, prompts, labels=None) -> list[list[int]]:
 
 def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterative",
               temperature: float = 0.0, seed: int | None = None, batch_size: int = 16,
-              allow_special: bool = False, stats: dict | None = None) -> list[dict]:
+              allow_special: bool = False, stats: dict | None = None, on_batch=None) -> list[dict]:
     """Fill every mask of each prompt. Returns one dict per prompt (see the module
     docstring for the structure): ``{"prompt", "tokens", "masks", "completed"}``.
 
@@ -107,6 +107,7 @@ def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterat
     vocabulary (not renormalised). Prompts are run ``batch_size``
     at a time (right-padded; padded keys are masked out of attention). When ``stats`` is a
     dict, the counters prompt_tokens, encoded_tokens and forward_passes are added to it.
+    ``on_batch(n)`` is told of every ``n`` prompts done (progress).
     """
     if strategy not in STRATEGIES:
         raise UFBError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -136,17 +137,30 @@ def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterat
         filled, masks = _fill_batch(model, tokenizer, chunk, rngs, top_k, strategy, temperature,
                                     banned, counters)
         for i, ids in enumerate(chunk):
-            results.append({
-                "prompt": prompts[start + i],
-                "tokens": len(ids),
-                "masks": [masks[i][p] for p in sorted(masks[i])],
-                "completed": tokenizer.decode(filled[i], skip_special_tokens=True),
-            })
+            prompt = prompts[start + i]
+            offsets = tokenizer.offsets(prompt)
+            records = [dict(masks[i][p], span=list(offsets[p])) for p in sorted(masks[i])]
+            results.append({"prompt": prompt, "tokens": len(ids), "masks": records,
+                            "completed": complete(prompt, records)})
+        if on_batch is not None:
+            on_batch(len(chunk))
     counters["prompt_tokens"] = sum(len(ids) for ids in encoded)
     if stats is not None:
         for k, v in counters.items():
             stats[k] = stats.get(k, 0) + v
     return results
+
+
+def complete(prompt: str, masks: list[dict]) -> str:
+    """The prompt exactly as written, with each mask's character span replaced by its
+    chosen token (a word piece's "##" dropped, so that it joins what it continues)."""
+    out, end = [], 0
+    for m in sorted(masks, key=lambda m: m["span"][0]):
+        start, stop = m["span"]
+        token = m["chosen"]["token"]
+        out += [prompt[end:start], token[2:] if token.startswith("##") else token]
+        end = stop
+    return "".join(out) + prompt[end:]
 
 
 def _rng(seed, index):
@@ -162,7 +176,7 @@ def _fill_batch(model, tokenizer, encoded, rngs, top_k, strategy, temperature, b
     mask_id = tokenizer.mask_token_id
     remaining = [[p for p, t in enumerate(e) if t == mask_id] for e in encoded]
     records = [dict() for _ in encoded]
-    step = 0
+    step = 1
     while any(remaining):
         rows = [r for r in range(len(encoded)) if remaining[r]]
         width = max(lengths[r] for r in rows)  # drop padding no active row needs
@@ -196,7 +210,7 @@ def _fill_batch(model, tokenizer, encoded, rngs, top_k, strategy, temperature, b
                 ids[r, pos] = chosen
                 records[r][pos] = {
                     "position": pos,
-                    "step": step,
+                    "step": step,  # 1-based, as in the text output
                     "candidates": _top_k(tokenizer, p_rows[j], k_rows[j], top_k),
                     "chosen": _entry(tokenizer, chosen, p_rows[j][chosen]),
                 }
@@ -243,9 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fill the masks ([MASK] or <mask>) of prompts with an UltraFastBERT masked-LM model.",
         epilog='example: python -m ufb_mlx.generate --model tests/data/golden/ufb-tiny-1x3 '
                '--prompt "The capital of France is [MASK]."')
-    p.add_argument("--model", default=DEFAULT_MODEL, required=DEFAULT_MODEL is None,
-                   help="converted or Hub-layout model folder, or a Hub repo id "
-                        "(default: the demo model shipped in ufb_mlx/demo_model)")
+    p.add_argument("--model", default=DEMO,
+                   help="model folder (converted or Hub layout), Hub repo id, or 'demo': the small "
+                        "model shipped in the package (default)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append",
                      help="text with one or more masks; '-' reads one prompt from stdin (repeatable)")
@@ -312,7 +326,8 @@ def format_text(results) -> str:
     for res in results:
         out.append(f"prompt: {res['prompt']}")
         for n, m in enumerate(res["masks"], 1):
-            out.append(f"  mask {n} (token {m['position']}, filled at step {m['step'] + 1}):")
+            out.append(f"  mask {n} (token {m['position']}, characters {m['span'][0]}-{m['span'][1]}, "
+                       f"filled at step {m['step']}):")
             chosen = m["chosen"]["token_id"]
             width = max(len(c["token"]) for c in m["candidates"])
             for c in m["candidates"]:
@@ -332,9 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     encode_prompts(tokenizer, prompts, labels)  # every bad prompt fails before any work
     stats: dict = {}
     t0 = time.perf_counter()
-    results = fill_mask(model, tokenizer, prompts, top_k=args.top_k, strategy=args.strategy,
-                        temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
-                        allow_special=args.allow_special, stats=stats)
+    with Progress(len(prompts), "fill-mask", "prompt") as progress:  # stderr: a bar, or a line every 10 s
+        results = fill_mask(model, tokenizer, prompts, top_k=args.top_k, strategy=args.strategy,
+                            temperature=args.temperature, seed=args.seed, batch_size=args.batch_size,
+                            allow_special=args.allow_special, stats=stats, on_batch=progress.update)
     seconds = time.perf_counter() - t0
     stats.update(seconds=seconds, tokens_per_s=stats["encoded_tokens"] / max(seconds, 1e-9),
                  peak_memory_mb=peak_memory_mb())
@@ -352,5 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

@@ -4,11 +4,15 @@ Mirrors ``ufb_ref.model`` block by block."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
-from ufb_ref.checkpoint import load_checkpoint
+from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_checkpoint
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.model import sinusoidal_table
@@ -19,6 +23,16 @@ from . import cpu_kernels
 from . import fff as fff_lib
 
 FFF_MODES = ("conditional", "dense")
+# The small pretrained model that ships inside the package (see its README.md), so that
+# the tools work offline.
+DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEMO = "demo"  # its name in load() and in every tool's --model (a local folder "demo": ./demo)
+
+
+def model_location(path_or_hub_id):
+    """The demo model's folder for the name "demo"; anything else as given (a folder or a
+    Hub id, which ufb_ref.checkpoint resolves)."""
+    return DEMO_MODEL if str(path_or_hub_id) == DEMO else path_or_hub_id
 
 
 class ScaledSinusoidal(nn.Module):
@@ -108,7 +122,7 @@ class FFF(nn.Module):
 class FFN(nn.Module):
     """Dense feedforward twin (``intermed_type`` "ffn"): gelu(x W_in^T + b) W_out^T."""
 
-    def __init__(self, args: ModelArgs, mode: str = "conditional", backend: str = "auto"):
+    def __init__(self, args: ModelArgs, backend: str = "auto"):
         super().__init__()
         self.linear_in = nn.Linear(args.hidden_size, args.intermed_width, bias=True)
         self.linear_out = nn.Linear(args.intermed_width, args.hidden_size, bias=False)
@@ -124,7 +138,7 @@ class TransformerLayer(nn.Module):
         self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
         self.attn = Attention(args, backend)
         self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
-        self.ffn = (FFF if args.intermed_type == "fff" else FFN)(args, fff_mode, backend)
+        self.ffn = FFF(args, fff_mode, backend) if args.intermed_type == "fff" else FFN(args, backend)
         self.dropout = nn.Dropout(0.0)
 
     def __call__(self, x, key_mask, paths=None):
@@ -178,10 +192,12 @@ class Model(nn.Module):
             self.head = nn.Linear(args.head_dim, args.num_labels)
 
     def set_dropout(self, p: float) -> None:
-        """Dropout for fine-tuning (the paper's 0.1); the checkpoints run without it."""
-        for _, m in self.named_modules():
-            if isinstance(m, nn.Dropout):
-                m._p_1 = 1 - p
+        """Dropout for fine-tuning (the paper's 0.1); the checkpoints run without it. The
+        dropout modules are replaced (nn.Dropout keeps its rate private)."""
+        for layer in self.encoder.layers:
+            layer.dropout = nn.Dropout(p)
+        if "pooler" in self:
+            self.pooler.dropout = nn.Dropout(p)
 
     def encode(self, input_ids, attention_mask=None, paths=None):
         ids, mask = check_inputs(input_ids, attention_mask, self.args)
@@ -218,23 +234,64 @@ def check_inputs(input_ids, attention_mask, args: ModelArgs):
     return ids, mask
 
 
-def mlm_loss(model: Model, input_ids, attention_mask, labels):
-    """Mean cross-entropy over every labelled position (label != -100); the decoder runs
-    on those positions only. (The original keeps round(0.25 * B * S) positions; the two
-    agree whenever at most that many are labelled.)"""
+# ---------------------------------------------------------------------------------------
+# Losses: the one definition per task, used by training, evaluation and the golden tests.
+
+IGNORE_INDEX = -100  # the label of a position that is not predicted (torch's convention)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def example_losses(logits, targets, regression: bool = False):
+    """The loss of each row, in float32: cross-entropy of (N, C) logits against class ids,
+    or, for a one-output regressor, the squared error against the targets."""
+    logits = logits.astype(mx.float32)
+    if regression:
+        return mx.square(logits[:, 0] - targets)
+    return nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
+def reduce_losses(per, reduction: str, weights=None):
+    """"none": the per-row losses (times ``weights``); "sum": their sum; "mean": their
+    mean (weighted by ``weights``)."""
+    if reduction not in REDUCTIONS:
+        raise UFBError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if weights is not None:
+        per = per * weights
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    return per.sum() / weights.sum() if weights is not None else per.mean()
+
+
+def masked_lm_logits(model: Model, input_ids, attention_mask, labels):
+    """(float32 MLM logits at every labelled position (label != IGNORE_INDEX), in
+    row-major order, and those labels). The decoder runs on those positions only."""
     labels_np = np.asarray(labels).reshape(-1)
-    positions = np.nonzero(labels_np != -100)[0]
-    if not len(positions):
-        raise UFBError("mlm_loss: no labelled positions")
+    positions = np.flatnonzero(labels_np != IGNORE_INDEX)
     hidden = model.encode(input_ids, attention_mask)
     h = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
-    logits = model.mlm_logits(h).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, mx.array(labels_np[positions]), reduction="mean")
+    return model.mlm_logits(h).astype(mx.float32), mx.array(labels_np[positions])
 
 
-def classification_loss(model: Model, input_ids, attention_mask, labels):
-    logits = model(input_ids, attention_mask).astype(mx.float32)
-    return nn.losses.cross_entropy(logits, mx.array(np.asarray(labels)), reduction="mean")
+def mlm_loss(model: Model, input_ids, attention_mask, labels, reduction: str = "mean"):
+    """Cross-entropy of the MLM head over every labelled position (label != -100).
+    "mean" is the original's loss (it keeps round(0.25 * B * S) positions; the two agree
+    whenever at most that many are labelled); training sums ("sum") over a process's
+    slice and divides by the global count. A sum over no labelled position is 0."""
+    if reduction == "mean" and not (np.asarray(labels) != IGNORE_INDEX).any():
+        raise UFBError("mlm_loss: no labelled positions")
+    return reduce_losses(example_losses(*masked_lm_logits(model, input_ids, attention_mask, labels)), reduction)
+
+
+def classification_loss(model: Model, input_ids, attention_mask, labels, reduction: str = "mean", weights=None):
+    """Cross-entropy of the classifier, or the squared error of a regressor
+    (``problem_type`` "regression"), per example; ``weights`` scale each example's loss
+    (0 drops a padding row)."""
+    logits = model(input_ids, attention_mask)
+    targets = labels if isinstance(labels, mx.array) else mx.array(np.asarray(labels))
+    per = example_losses(logits, targets, regression=model.args.problem_type == "regression")
+    return reduce_losses(per, reduction, weights)
 
 
 def column_major(w):
@@ -244,7 +301,8 @@ def column_major(w):
 
 
 def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str = "auto"):
-    """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
+    """(Model, Tokenizer) from a converted folder, a Hub-layout folder, a Hub repo id or
+    "demo" (the small model shipped in the package).
     ``backend`` picks the conditional FFF's implementation (ufb_mlx.backend: "auto",
     "ops", "cpu", "metal"); an explicit one that is not present here is refused now.
     ``dtype`` (e.g. mx.float16) casts the weights. Default: as stored when the model runs
@@ -253,7 +311,7 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     if fff_mode not in FFF_MODES:
         raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
     backend_lib.resolve(backend)
-    ckpt = load_checkpoint(path_or_hub_id)
+    ckpt = load_checkpoint(model_location(path_or_hub_id))
     args = ckpt.args
     model = Model(args, fff_mode, backend)
     # The same rule as the FFF's backend choice: the device of the current stream.
@@ -267,3 +325,27 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     model.eval()
     mx.eval(model.parameters())
     return model, Tokenizer(ckpt.folder, args.max_seq_length)
+
+
+def save_model(folder, model_or_weights, args: ModelArgs, tokenizer_folder=None, dtype=None) -> Path:
+    """Write the model folder that ``load`` reads: config.json (the flat ModelArgs),
+    model.safetensors (the parameters, cast to ``dtype`` if given) and the tokenizer files
+    copied from ``tokenizer_folder``. Each file is replaced atomically, so a reader never
+    sees a half-written one. The one writer of model folders (convert, fine-tuning,
+    pretraining)."""
+    from .train import atomic_save_arrays, atomic_write_text  # the shared atomic writes
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != folder.resolve():
+        for name in TOKENIZER_FILES:
+            src = Path(tokenizer_folder) / name
+            if src.is_file():
+                atomic_write_text(folder / name, src.read_text())
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
+    weights = (dict(tree_flatten(model_or_weights.parameters())) if isinstance(model_or_weights, nn.Module)
+               else {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in model_or_weights.items()})
+    if dtype is not None:
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    atomic_save_arrays(folder / WEIGHTS_FILE, weights)
+    return folder

@@ -28,10 +28,10 @@ import math
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
@@ -40,10 +40,11 @@ from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.tokenizer import Tokenizer
 
-from . import data as D
-from . import train as T
-from .cli import run
-from .model import FFF_MODES, Model, load
+from . import data, train
+from .entry import console
+from .evaluate import evaluate_mlm
+from .progress import Progress
+from .model import FFF_MODES, Model, load, model_location, mlm_loss, save_model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
@@ -71,36 +72,6 @@ def config_from(spec: str) -> dict:
     return dict(cfg, task="mlm")
 
 
-def mlm_loss_fn(model: Model, batch: dict, scale):
-    """Cross-entropy summed over the given (masked) positions only, times ``scale``."""
-    hidden = model.encode(batch["input_ids"], batch["attention_mask"])
-    h = hidden.reshape(-1, hidden.shape[-1])[batch["positions"]]
-    logits = model.mlm_logits(h).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
-    return (ce * batch["weights"]).sum() * scale
-
-
-def evaluate_mlm(model: Model, inputs: np.ndarray, labels: np.ndarray, batch_size: int) -> dict[str, float]:
-    """Held-out MLM loss (mean over masked tokens) and masked-token accuracy."""
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for i in range(0, len(inputs), batch_size):
-        x, y = inputs[i:i + batch_size], labels[i:i + batch_size].reshape(-1)
-        pos = np.flatnonzero(y != -100)
-        if not len(pos):
-            continue
-        hidden = model.encode(mx.array(x), mx.ones(x.shape, dtype=mx.int32))
-        logits = model.mlm_logits(hidden.reshape(-1, hidden.shape[-1])[mx.array(pos)]).astype(mx.float32)
-        target = mx.array(y[pos])
-        ce = nn.losses.cross_entropy(logits, target, reduction="sum")
-        hits = (logits.argmax(-1) == target).sum()
-        mx.eval(ce, hits)
-        loss_sum += ce.item()
-        correct += hits.item()
-        count += len(pos)
-    return {"mlm_loss": loss_sum / max(count, 1), "mlm_accuracy": correct / max(count, 1), "masked_tokens": count}
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ufb_mlx.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder: the model, checkpoints, log.jsonl")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--config", help="tiny, base (the released 1x11 architecture; default) or a flat config JSON")
-    src.add_argument("--model", help="continue pretraining this MLM model (folder or Hub id)")
+    src.add_argument("--model", help="continue pretraining this MLM model (folder, Hub id or 'demo')")
     t = p.add_argument_group("tokenizer and data")
     t.add_argument("--tokenizer", help="folder with a tokenizer.json (default: train one on the corpus)")
     t.add_argument("--vocab-size", type=int, help="vocabulary of a trained tokenizer (default: the config's)")
@@ -124,12 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--eps", type=float, default=1e-12)
     o.add_argument("--weight-decay", type=float, default=0.01)
     o.add_argument("--grad-clip", type=float, default=0.5, help="max global gradient norm (0: off)")
-    o.add_argument("--schedule", choices=T.SCHEDULES, default="triangle")
+    o.add_argument("--schedule", choices=train.SCHEDULES, default="triangle")
     o.add_argument("--warmup", type=float, default=0.5, help="fraction of the steps at which the triangle peaks")
     o.add_argument("--dropout", type=float, default=0.0)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
-    r = T.add_run_arguments(p, save_every=500, save_help="checkpoint (and model) every N steps, and at the end")
+    r = train.add_run_arguments(p, save_every=500, save_help="checkpoint (and model) every N steps, and at the end")
     r.add_argument("--eval-every", type=int, default=100)
     return p
 
@@ -170,16 +141,18 @@ def main(argv=None) -> int:
 def _main(argv, held: contextlib.ExitStack) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
-    world = T.World()
+    world = train.World()
     out = Path(a.out)
 
     # Corpus and model source first: bad inputs fail before the output folder is touched.
-    files = D.corpus_files(a.corpus)
-    lines = D.read_corpus(files)
-    valid_lines = D.read_corpus(D.corpus_files(a.valid)) if a.valid else None
+    files = data.corpus_files(a.corpus)
+    lines = data.read_corpus(files)
+    if world.main and not a.quiet:
+        print(f"read {len(lines)} lines from {len(files)} corpus file(s)", flush=True)
+    valid_lines = data.read_corpus(data.corpus_files(a.valid)) if a.valid else None
     base = base_tok = None
     if a.model:
-        folder = resolve(a.model)
+        folder = resolve(model_location(a.model))
         if out.resolve() == folder.resolve():
             raise UFBError("--out must differ from --model (the model folder would be overwritten)")
         base, base_tok = load(a.model, fff_mode=a.fff_mode)
@@ -197,13 +170,13 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         # before a tokenizer is trained on a vocabulary that cannot be: nothing written yet.
         largest = ModelArgs.from_dict(dict(cfg, vocab_size=a.vocab_size or cfg["vocab_size"], pad_token_id=0),
                                       where=f"the model to pretrain ({a.config or 'base'}, --vocab-size, --seq-length)")
-        T.check_training_memory(largest)
+        train.check_training_memory(largest)
     if a.tokenizer:
         Tokenizer(a.tokenizer)  # a clear error for a missing or bad tokenizer.json
-    resume_from = T.check_out(out, a.resume, a.force)
+    resume_from = train.check_out(out, a.resume, a.force)
 
     # Tokenizer: the model's, a given one, the interrupted run's, or a new one.
-    logger = T.Logger(out, world, a.quiet)
+    logger = train.Logger(out, world, a.quiet)
     hf = None
     if base_tok is not None:
         tok, tok_src = base_tok, base_tok.path.parent
@@ -214,11 +187,13 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     elif resume_from is not None:
         tok, tok_src = Tokenizer(out), None
     else:
-        # Training a tokenizer is not reproducible (ties in `tokenizers`' trainer): rank 0
-        # trains it and sends it to the others; it is saved in OUT, where --resume finds it.
+        # Rank 0 trains it (deterministically: data.train_wordpiece) and sends it to the
+        # others; it is saved in OUT, where --resume finds it.
         target = a.vocab_size or cfg["vocab_size"]
         logger.print(f"training a WordPiece tokenizer (vocabulary {target}) on {len(lines)} lines")
-        hf = D.train_wordpiece(lines, target) if world.main else None
+        t0 = time.perf_counter()
+        hf = data.train_wordpiece(lines, target) if world.main else None
+        logger.print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
         text = world.broadcast_text(hf.to_str() if world.main else None)
         tmp_dir = tempfile.mkdtemp(prefix="ufb-tokenizer-")  # read again while packing
         atexit.register(shutil.rmtree, tmp_dir, True)
@@ -236,10 +211,12 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     args = ModelArgs.from_dict(cfg)
 
     # Data: packed blocks, a held-out split, fixed held-out masks.
-    blocks = D.pack(tok, lines, seq)
-    if valid_lines is not None:
-        valid = D.pack(tok, valid_lines, seq, what="held-out corpus")
-    else:
+    with Progress(len(lines) + len(valid_lines or []), "tokenising", "line", file=sys.stdout,
+                  enabled=world.main and not a.quiet) as progress:
+        blocks = data.pack(tok, lines, seq, on_lines=progress.update)
+        if valid_lines is not None:
+            valid = data.pack(tok, valid_lines, seq, what="held-out corpus", on_lines=progress.update)
+    if valid_lines is None:
         if len(blocks) < 2:
             raise UFBError(f"corpus too small for a held-out split: {len(blocks)} block of {seq} tokens "
                            "(add text, lower --seq-length or give --valid)")
@@ -248,11 +225,11 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
-    held.enter_context(T.lock_out(out, world))
-    T.prepare_out(out, world, a.resume, a.force)
+    held.enter_context(train.lock_out(out, world))
+    train.prepare_out(out, world, a.resume, a.force)
     if hf is not None and world.main:
-        D.save_tokenizer_files(hf, out, seq)
-    masker = D.Masker(tok, args.vocab_size, a.mask_rate)
+        data.save_tokenizer_files(hf, out, seq)
+    masker = data.Masker(tok, args.vocab_size, a.mask_rate)
     valid_inputs, valid_labels = masker(valid, np.random.default_rng([a.seed, 2**31 - 1]))
     world.check_same("corpus", hashlib.sha256(blocks.tobytes() + valid.tobytes()).hexdigest())
 
@@ -262,24 +239,20 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         model = base
     else:
         model = Model(args, a.fff_mode)
-        T.init_normal(model)
-        emb = model.encoder.embedding.word_embedding
-        emb.weight = emb.weight * (mx.arange(args.vocab_size) != args.pad_token_id)[:, None]  # padding row 0
-        mx.eval(model.parameters())
+        train.init_model(model)
     model.args = args
     model.set_dropout(a.dropout)
 
-    schedule = T.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
-    optimizer = T.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = T.Trainer(model, optimizer, mlm_loss_fn, world, a.seed, a.grad_clip)
-    run_cfg = {"config": {k: v for k, v in cfg.items() if k != "source"}, "tokenizer": _tokenizer_hash(tok), "data": hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
-               "valid": hashlib.sha256(valid.tobytes()).hexdigest()[:16], "steps": a.steps,
-               "batch_size": a.batch_size, "processes": world.size, "lr": a.lr, "betas": list(a.betas), "eps": a.eps,
-               "weight_decay": a.weight_decay, "grad_clip": a.grad_clip, "schedule": a.schedule, "warmup": a.warmup,
-               "mask_rate": a.mask_rate, "dropout": a.dropout, "seed": a.seed, "fff_mode": a.fff_mode}
+    schedule = train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
+    optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
+    trainer = train.Trainer(model, optimizer, mlm_loss, world, a.seed, a.grad_clip)
+    run_cfg = train.fingerprint(a, ("corpus", "valid", "tokenizer"),
+                                model_config={k: v for k, v in cfg.items() if k != "source"},
+                                tokenizer_hash=_tokenizer_hash(tok), data=hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
+                                valid_hash=hashlib.sha256(valid.tobytes()).hexdigest()[:16], processes=world.size)
     start = 0
     if resume_from is not None:
-        start = T.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, a.steps)["step"]
+        start = train.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, a.steps)["step"]
     else:
         n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
         logger.print(f"pretraining {'from ' + str(a.model) if a.model else (a.config or 'base') + ' from scratch'}: "
@@ -306,20 +279,16 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             if int(e) not in orders:
                 if len(orders) > 4:
                     orders.pop(min(orders))
-                orders[int(e)] = D.epoch_order(n, a.seed, int(e))
+                orders[int(e)] = data.epoch_order(n, a.seed, int(e))
         return np.array([orders[int(e)][w] for e, w in zip(epochs, within)])
 
     def get_batch(step):
         inputs, labels = masker(blocks[rows_of(step)], np.random.default_rng([a.seed, step]))
         count = int((labels != -100).sum())
-        local = D.shard(np.arange(global_batch), world.rank, world.size)
-        x, y = inputs[local], labels[local].reshape(-1)
-        pos = np.flatnonzero(y != -100)
-        weights = np.ones(len(pos), dtype=np.float32)
-        if not len(pos):  # this process's slice has no masked token: one zero-weight position
-            pos, weights = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float32)
-        batch = {"input_ids": mx.array(x), "attention_mask": mx.ones(x.shape, dtype=mx.int32),
-                 "positions": mx.array(pos), "targets": mx.array(np.maximum(y[pos], 0)), "weights": mx.array(weights)}
+        local = data.shard(np.arange(global_batch), world.rank, world.size)
+        # A slice without a masked token adds 0 to the loss sum (and zero gradients).
+        batch = {"input_ids": mx.array(inputs[local]), "attention_mask": mx.ones(inputs[local].shape, dtype=mx.int32),
+                 "labels": labels[local]}
         return batch, world.size / max(count, 1), global_batch * seq
 
     def after_step(step):
@@ -329,17 +298,19 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             logger.record("eval", step=step, **res)
         if step % a.save_every == 0 or step == a.steps:
             if world.main:
-                T.save_model(out, model, args, tok_src)
-                path = T.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
+                save_model(out, model, args, tok_src)
+                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
                 logger.print(f"checkpoint step {step} -> {path}")
             logger.record("checkpoint", step=step)
             world.barrier()
 
-    T.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
+    train.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
                  after_step=after_step, log_every=a.log_every)
     logger.print(f"model saved in {out}")
     return 0
 
 
+cli = console(main)  # the console script (pyproject.toml)
+
 if __name__ == "__main__":
-    sys.exit(run(main))
+    cli()

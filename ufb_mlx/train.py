@@ -25,6 +25,7 @@ are kept.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import math
@@ -42,10 +43,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ufb_ref import fsio
-from ufb_ref.fsio import atomic_write_text
 from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, expected_shapes
 from ufb_ref.config import ModelArgs
+from ufb_ref.fsio import atomic_write_text
 from ufb_ref.errors import UFBError
+
+from .entry import Interrupted
+from .progress import Progress
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "log.jsonl"
@@ -73,29 +77,31 @@ class World:
         return self.rank == 0
 
     def sum(self, values) -> np.ndarray:
-        """Element-wise sum over the processes of a small float64/int array."""
+        """Element-wise sum over the processes of a small array: integers exactly (as
+        int64), floats in float64."""
         values = np.asarray(values)
         if self.size == 1:
             return values
-        out = mx.distributed.all_sum(mx.array(values.astype(np.float32)), group=self.group)
+        wide = np.int64 if np.issubdtype(values.dtype, np.integer) else np.float64
+        out = mx.distributed.all_sum(mx.array(values.astype(wide)), group=self.group, stream=mx.cpu)
         return np.array(out).astype(values.dtype)
 
     def barrier(self) -> None:
         if self.size > 1:
-            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+            mx.eval(mx.distributed.all_sum(mx.array(1), group=self.group, stream=mx.cpu))
 
     def broadcast_text(self, text: str | None) -> str:
-        """Rank 0's ``text`` on every process (an all-sum in which the others add zeros);
-        needs no shared file system."""
+        """Rank 0's ``text`` on every process (an all-sum of its UTF-8 bytes in which the
+        others add zeros, exact in uint8); needs no shared file system."""
         if self.size == 1:
             return text
         data = np.frombuffer(text.encode(), dtype=np.uint8) if self.main else np.zeros(0, np.uint8)
-        n = int(self.sum(np.array([len(data)], dtype=np.float64))[0])
-        buf = np.zeros(n, dtype=np.float32)
+        n = int(self.sum(np.array([len(data)], dtype=np.int64))[0])
+        buf = np.zeros(n, dtype=np.uint8)
         if self.main:
             buf[:] = data
-        every = np.array(mx.distributed.all_sum(mx.array(buf), group=self.group))
-        return every.astype(np.uint8).tobytes().decode()
+        every = np.array(mx.distributed.all_sum(mx.array(buf), group=self.group, stream=mx.cpu))
+        return every.tobytes().decode()
 
     def check_same(self, what: str, text: str) -> None:
         """All processes must hold the same ``text`` (e.g. a tokenizer or a label map)."""
@@ -134,17 +140,17 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
         raise UFBError(f"schedule must be one of {', '.join(SCHEDULES)}, got {kind!r}")
     if not 0 <= warmup < 1:
         raise UFBError(f"warm-up must be a fraction in [0, 1), got {warmup}")
-    T = max(int(total_steps), 1)
-    W = int(round(warmup * T))
+    total = max(int(total_steps), 1)
+    warm = int(round(warmup * total))
 
     def schedule(step):
         s = mx.array(step).astype(mx.float32)
-        up = lr * mx.minimum((s + 1) / max(W, 1), 1.0)
+        up = lr * mx.minimum((s + 1) / max(warm, 1), 1.0)
         if kind == "constant":
-            return up if W else mx.full(s.shape, lr, mx.float32)
-        progress = mx.clip((s - W) / max(T - W, 1), 0.0, 1.0)
+            return up if warm else mx.full(s.shape, lr, mx.float32)
+        progress = mx.clip((s - warm) / max(total - warm, 1), 0.0, 1.0)
         down = lr * 0.5 * (1 + mx.cos(math.pi * progress)) if kind == "cosine" else lr * (1 - progress)
-        return mx.where(s < W, up, down)
+        return mx.where(s < warm, up, down)
 
     return schedule
 
@@ -177,6 +183,15 @@ def init_normal(module, std: float = 0.02) -> None:
             m.bias = mx.zeros_like(m.bias)
 
 
+def init_model(model) -> None:
+    """A new model's weights as the original initialises them: ``init_normal`` everywhere,
+    and the embedding's padding row 0."""
+    init_normal(model)
+    emb = model.encoder.embedding.word_embedding
+    emb.weight = emb.weight * (mx.arange(emb.weight.shape[0]) != model.args.pad_token_id)[:, None]
+    mx.eval(model.parameters())
+
+
 # ---------------------------------------------------------------------------------------
 # The step
 
@@ -187,14 +202,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 class Trainer:
-    """One optimisation step: ``loss_fn(model, batch, scale)`` must return this process's
-    loss *sum* times ``scale`` (= processes / global count), so that averaging the
+    """One optimisation step of the task's loss (``ufb_mlx.model.mlm_loss`` or
+    ``classification_loss``), called as ``loss(model, **batch, reduction="sum")``: this
+    process's loss sum, times ``scale`` (= processes / global count), so that averaging the
     gradients over the processes gives the gradient of the global mean."""
 
-    def __init__(self, model, optimizer, loss_fn, world: World, seed: int, grad_clip: float = 0.0):
+    def __init__(self, model, optimizer, loss, world: World, seed: int, grad_clip: float = 0.0):
         self.model, self.optimizer, self.world = model, optimizer, world
         self.seed, self.grad_clip = seed, grad_clip
-        self._value_and_grad = nn.value_and_grad(model, loss_fn)
+        self._value_and_grad = nn.value_and_grad(
+            model, lambda model, batch, scale: loss(model, **batch, reduction="sum") * scale)
 
     def step(self, step: int, batch: dict, scale: float) -> float:
         """One update; a NonFiniteLoss, before the update, when the loss or a gradient is NaN
@@ -250,20 +267,36 @@ def clean_tree(tree):
 
 
 class Logger:
-    """Rank 0 prints progress lines and appends one JSON record per event to OUT/log.jsonl."""
+    """Rank 0 prints progress to stdout (a bar with rate and time left on a terminal, plain
+    lines otherwise; nothing with ``quiet``) and appends one JSON record per event, with
+    its UTC time and the seconds since the run started, to OUT/log.jsonl."""
 
     def __init__(self, out: Path, world: World, quiet: bool = False):
         self.path = Path(out) / LOG_FILE
         self.world, self.quiet = world, quiet
+        self.progress: Progress | None = None
+        self._t0 = time.monotonic()
 
     def print(self, msg: str) -> None:
         if self.world.main and not self.quiet:
-            print(msg, flush=True)
+            if self.progress is not None:
+                self.progress.write(msg)
+            else:
+                print(msg, flush=True)
+
+    def start_progress(self, total: int, done: int, unit: str = "step") -> Progress:
+        """The bar (on a terminal) of the work from ``done`` to ``total``; plain lines are
+        the caller's (``Progress.meter`` gives their time figures)."""
+        self.progress = Progress(total, "training", unit, file=sys.stdout, initial=done,
+                                 enabled=self.world.main and not self.quiet, interval=None)
+        return self.progress
 
     def record(self, event: str, **values) -> None:
         if self.world.main:
+            stamp = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+                     "elapsed_s": round(time.monotonic() - self._t0, 3)}
             with open(self.path, "a") as f:
-                f.write(json.dumps({"event": event, **clean_tree(values)}) + "\n")
+                f.write(json.dumps({"event": event, **clean_tree(values), **stamp}) + "\n")
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget what the killed run logged after its last checkpoint, and a
@@ -299,25 +332,49 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
                after_step, log_every: int, describe=lambda step: "") -> None:
     """Steps start_step+1 .. total_steps. ``get_batch(step)`` -> (batch, scale, global
     tokens); ``after_step(step)`` evaluates / checkpoints. Logs every ``log_every`` steps:
-    step, mean loss over the interval (all processes), learning rate, tokens/s, peak memory."""
+    step, mean loss over the interval (all processes), learning rate, tokens/s, peak memory;
+    on a terminal the bar shows them instead of a line. Ctrl-C ends with a message that
+    says how to continue (``Interrupted``)."""
     world = trainer.world
+    progress = logger.start_progress(total_steps, start_step)
     loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
-    for step in range(start_step + 1, total_steps + 1):
-        batch, scale, n_tokens = get_batch(step)
-        loss_sum += trainer.step(step, batch, scale)
-        tokens += n_tokens
-        steps += 1
-        if step % log_every == 0 or step == total_steps:
-            loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
-            dt = time.perf_counter() - t0
-            lr = float(trainer.optimizer.learning_rate.item())
-            rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
-                       peak_memory_gb=peak_memory_gb())
-            logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
-                         f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB")
-            logger.record("train", **rec)
-            loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
-        after_step(step)
+    step = start_step
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            batch, scale, n_tokens = get_batch(step)
+            loss_sum += trainer.step(step, batch, scale)
+            tokens += n_tokens
+            steps += 1
+            progress.update(1)
+            if step % log_every == 0 or step == total_steps:
+                loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
+                dt = time.perf_counter() - t0
+                lr = float(trainer.optimizer.learning_rate.item())
+                rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
+                           peak_memory_gb=peak_memory_gb())
+                progress.update(0, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                if not progress.tty:
+                    logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
+                                 f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB | "
+                                 f"{progress.meter()}")
+                logger.record("train", **rec)
+                loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
+            after_step(step)
+    except KeyboardInterrupt:
+        raise Interrupted(resume_hint(logger.path.parent, step)) from None
+    finally:
+        progress.close()
+        logger.progress = None
+
+
+def resume_hint(out: Path, step: int) -> str:
+    """What to do after an interrupted run."""
+    ckpts = list_checkpoints(out)
+    if not ckpts:
+        return (f"at step {step}, before the first checkpoint; run the same command with --force to start "
+                "again (or checkpoint sooner with --save-every)")
+    return (f"at step {step}; the last checkpoint is step {ckpts[-1][0]}: run the same command with --resume "
+            "to continue from it")
 
 
 # ---------------------------------------------------------------------------------------
@@ -333,24 +390,6 @@ def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None
 def atomic_save_arrays(path: Path, arrays: dict) -> None:
     with fsio.atomic_file(path) as tmp:
         _save_arrays(tmp, arrays, {"format": "mlx"})
-
-
-def model_arrays(model) -> dict:
-    return dict(tree_flatten(model.parameters()))
-
-
-def save_model(folder: Path, model, args: ModelArgs, tokenizer_folder: Path | None = None) -> None:
-    """A model folder that ``ufb_mlx.load`` reads: config.json (the flat ModelArgs),
-    model.safetensors and the tokenizer files; each file replaced atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != folder.resolve():
-        for name in TOKENIZER_FILES:
-            src = Path(tokenizer_folder) / name
-            if src.is_file():
-                atomic_write_text(folder / name, src.read_text())
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
-    atomic_save_arrays(folder / WEIGHTS_FILE, model_arrays(model))
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -374,7 +413,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    _save_arrays(tmp / WEIGHTS_FILE, model_arrays(model))
+    _save_arrays(tmp / WEIGHTS_FILE, dict(tree_flatten(model.parameters())))
     _save_arrays(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
     (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
     fsio.fsync(tmp / STATE_FILE)
@@ -388,10 +427,10 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
-    """Restore weights and optimizer state in place; returns the trainer state. Every file
-    is checked (the safetensors headers against the file sizes, the weights finite) before
-    anything is restored."""
+def restore_checkpoint(path: Path, model, optimizer) -> dict:
+    """Restore a training checkpoint's weights and optimizer state in place; returns its
+    trainer state (step, run options, best result). Every file is checked (the safetensors
+    headers against the file sizes, the weights finite) before anything is restored."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -496,7 +535,7 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
     errors = []
     for path in candidates or [Path(checkpoint)]:
         try:
-            state = load_checkpoint(path, model, optimizer)
+            state = restore_checkpoint(path, model, optimizer)
             break
         except UFBError as e:
             errors.append(str(e))
@@ -510,6 +549,21 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
     logger.truncate_after(state["step"])
     logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")
     return state
+
+
+# Options that say where a run writes, how it starts and how often it reports or saves:
+# a resumed run may change them. Every other option is part of the run's fingerprint.
+NOT_FINGERPRINTED = ("out", "resume", "force", "quiet", "log_every", "save_every", "keep", "eval_every",
+                     "eval_batch_size")
+
+
+def fingerprint(args, inputs: tuple[str, ...] = (), **derived) -> dict:
+    """What determines a run's result, which ``--resume`` compares: every parsed option
+    (``args``, an argparse Namespace) except NOT_FINGERPRINTED and the ``inputs`` (files
+    whose content ``derived`` holds as hashes, so that a moved file still resumes), plus
+    ``derived`` (values computed from the inputs, which win over options of the same name)."""
+    options = {k: v for k, v in vars(args).items() if k not in NOT_FINGERPRINTED and k not in inputs}
+    return json.loads(json.dumps({**options, **derived}))  # as it reads back from JSON
 
 
 def check_resume(saved: dict, run: dict) -> None:

@@ -121,6 +121,14 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def offsets(self, text: str) -> list[tuple[int, int]]:
+        """The character span (start, end) in ``text`` of each token that ``encode(text)``
+        returns ((0, 0) for the template's <sep>). Spans point into the text as the user
+        wrote it, whatever the normaliser changes; [MASK] and <mask> have the same length,
+        so replacing one by the other moves nothing."""
+        enc = self._tok.encode(_MASK_ALIASES.sub(self.mask_token, text))
+        return [(int(a), int(b)) for a, b in enc.offsets]
+
     def id_to_token(self, i: int) -> str:
         return self._tok.id_to_token(int(i))
 
@@ -152,11 +160,12 @@ def _check_template(path: Path) -> None:
                                    f"{str(name)[:40]!r}, which it does not define")
 
 
-def pad_batch(sequences: list[list[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad to the longest sequence; the mask is 1 on real tokens."""
-    longest = max(len(s) for s in sequences)
-    ids = np.full((len(sequences), longest), pad_id, dtype=np.int64)
-    mask = np.zeros((len(sequences), longest), dtype=np.int64)
+def pad_batch(sequences: list[list[int]], pad_id: int, length: int | None = None) -> dict[str, np.ndarray]:
+    """Right-pad to ``length`` (default: the longest sequence); the mask is 1 on real
+    tokens."""
+    length = max(len(s) for s in sequences) if length is None else length
+    ids = np.full((len(sequences), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), length), dtype=np.int64)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = seq
         mask[row, : len(seq)] = 1

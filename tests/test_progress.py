@@ -1,0 +1,118 @@
+"""Progress of long work: a tqdm bar with rate and time left on a terminal, plain lines
+with the same figures otherwise; timestamps in log.jsonl; Ctrl-C of a training run says how
+to continue it."""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import io
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+
+from conftest import MLM, REPO
+from train_utils import env, keyword_task, read_log, write_jsonl
+from ufb_mlx.progress import Progress
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_bar_on_a_terminal():
+    out = Terminal()
+    with Progress(10, "fill-mask", "prompt", file=out) as p:
+        for _ in range(10):
+            p.update(1)
+        p.write("a line above the bar")
+    text = out.getvalue()
+    assert "\r" in text and "fill-mask" in text and "10/10" in text and "prompt/s" in text
+    assert "a line above the bar" in text
+    assert "<" in text  # tqdm's "[elapsed<left, rate]"
+
+
+def test_plain_lines_elsewhere():
+    out = io.StringIO()
+    with Progress(4, "tokenising", "line", file=out, interval=0) as p:
+        for _ in range(4):
+            p.update(1)
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 4
+    assert lines[-1].startswith("tokenising: 4/4 lines, ") and "elapsed" in lines[-1] and "left" in lines[-1]
+    assert "lines/s" in lines[-1]
+    # Short work prints nothing between the default 10-second lines.
+    quiet = io.StringIO()
+    with Progress(4, "x", file=quiet) as p:
+        p.update(4)
+    assert quiet.getvalue() == ""
+
+
+def _finetune_args(tmp_path, *extra):
+    train = write_jsonl(tmp_path / "t.jsonl", keyword_task(64, 0))
+    return [sys.executable, "-m", "ufb_mlx.finetune", "--model", str(MLM), "--train", str(train),
+            "--out", str(tmp_path / "out"), "--epochs", "2", "--batch-size", "8", "--log-every", "2", *extra]
+
+
+def test_training_shows_a_bar_on_a_terminal(tmp_path):
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    proc = subprocess.Popen(_finetune_args(tmp_path), cwd=REPO, env=env(), stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([leader], [], [], 120)
+        if not ready:
+            break
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "training:" in text and "16/16" in text and "step/s" in text and "loss=" in text
+    assert "| loss " not in text  # no plain progress lines on a terminal
+
+
+def test_plain_lines_and_timestamps_when_not_a_terminal(tmp_path):
+    proc = subprocess.run(_finetune_args(tmp_path), cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 8 and all(" elapsed, " in ln and " left, " in ln and "steps/s" in ln for ln in lines)
+    assert proc.stdout.splitlines()[0].startswith("loading ")  # something is said before the slow part
+    log = read_log(tmp_path / "out")
+    elapsed = [r["elapsed_s"] for r in log]
+    assert elapsed == sorted(elapsed) and all(e >= 0 for e in elapsed)
+    for r in log:
+        stamp = datetime.datetime.fromisoformat(r["time"])
+        assert stamp.tzinfo is not None and abs(datetime.datetime.now(datetime.timezone.utc) - stamp).total_seconds() < 600
+
+
+@pytest.mark.parametrize("after,expect", [("checkpoint step 4", "the last checkpoint is step 4: run the same "
+                                           "command with --resume"),
+                                          ("step 2/16", "before the first checkpoint; run the same command "
+                                           "with --force")])
+def test_interrupt_says_how_to_continue(tmp_path, after, expect):
+    proc = subprocess.Popen(_finetune_args(tmp_path, "--save-every", "4"), cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith(after):
+                proc.send_signal(signal.SIGINT)
+                break
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.startswith("interrupted: at step ") and expect in err and err.count("\n") == 1, err
