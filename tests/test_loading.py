@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,49 +21,12 @@ from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.errors import UFBError
 
 from conftest import CLS, MLM, REPO
-
-
-def copy_golden(tmp_path, src=MLM, name="model") -> Path:
-    dst = tmp_path / name
-    shutil.copytree(src, dst)
-    (dst / "cases.npz").unlink()
-    return dst
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """A minimal writer (the format: u64 header size, JSON header, raw bytes), so the
-    tests can build malformed checkpoints that a library would refuse to write."""
-    codes = {np.dtype("float32"): "F32", np.dtype("float16"): "F16", np.dtype("int64"): "I64",
-             np.dtype("int32"): "I32"}
-    header, blobs, offset = {}, [], 0
-    for key, arr in tensors.items():
-        b = np.ascontiguousarray(arr).tobytes()
-        header[key] = {"dtype": codes[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
-
-
-def edit_weights(folder: Path, fn) -> None:
-    tensors, _ = read_safetensors(folder / "model.safetensors")
-    tensors = dict(tensors)
-    fn(tensors)
-    write_safetensors(folder / "model.safetensors", tensors)
+from refusals import assert_one_line_error, copy_golden, edit_weights
 
 
 def run_convert(*args):
     return subprocess.run([sys.executable, str(REPO / "convert.py"), *map(str, args)],
                           capture_output=True, text=True, cwd=REPO)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode != 0
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ") and "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err
 
 
 # ---------------------------------------------------------------------------- converting
@@ -75,7 +37,8 @@ def test_convert_cli_writes_a_loadable_folder(tmp_path, mlm_cases):
     proc = run_convert("--hf-path", MLM, "--mlx-path", out)
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"])
+        ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+         ".ultrafastbert.json"])
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "ultrafastbert" and cfg["source"]["hf_path"] == str(MLM)
     weights, _ = read_safetensors(out / "model.safetensors")
@@ -106,9 +69,17 @@ def test_convert_refuses_existing_output_without_force(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert_one_line_error(run_convert("--hf-path", MLM, "--mlx-path", out), "exists", "--force")
+    # --force replaces only a folder convert wrote: this one holds a file of the user's.
+    assert_one_line_error(run_convert("--hf-path", MLM, "--mlx-path", out, "--force"),
+                          "not a model folder written by this project")
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty folder holds nothing to lose
     assert run_convert("--hf-path", MLM, "--mlx-path", out, "--force").returncode == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file() and (out / ".ultrafastbert.json").is_file()
+    before = (out / "config.json").stat().st_ino
+    assert run_convert("--hf-path", MLM, "--mlx-path", out, "--force", "--dtype", "float16").returncode == 0
+    assert (out / "config.json").stat().st_ino != before  # replaced: a folder convert wrote
+    assert json.loads((out / "config.json").read_text())["source"]["dtype"] == "float16"
 
 
 def _bad_key_cases():

@@ -102,15 +102,15 @@ def test_kernel_sources_and_emulator_ship_in_the_wheel(installed):
 
 def test_demo_model_ships_and_generate_runs(installed):
     python, cwd, env = installed
-    got = probe(installed, "import json, ufb_mlx; "
-                           "m = ufb_mlx.DEMO_MODEL; print(json.dumps([str(m), sorted(p.name for p in m.iterdir())]))")
+    got = probe(installed, "import json; from ufb_mlx import DEMO_MODEL as m; "
+                           "print(json.dumps([str(m), sorted(p.name for p in m.iterdir())]))")
     model = Path(got[0])
     assert model.parent.name == "ufb_mlx" and not model.is_relative_to(REPO)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= set(got[1])
     out = _run([python, "-m", "ufb_mlx.generate", "--prompt", "The President shall deliver a message to the [MASK].",
                 "--json"], cwd=cwd, env=env).stdout
     doc = json.loads(out)
-    assert doc["model"] == "demo" and len(doc["results"][0]["masks"]) == 1
+    assert doc["model"] == "demo" and len(doc["results"][0]["masks"]) == 1  # the shipped model by its name
 
 
 @pytest.mark.parametrize("module", CLIS)

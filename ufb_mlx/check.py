@@ -33,7 +33,6 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -47,6 +46,7 @@ from ufb_ref.tokenizer import Tokenizer, pad_batch
 from . import backend as backend_lib
 from .entry import console
 from .fff import fff_conditional
+from .model import DEMO_MODEL
 
 # ---- tolerances (shared with the test suite) ---------------------------------------------
 
@@ -94,7 +94,6 @@ def near_ties(x, w_in, b_in, trees: int, depth: int, eps: float = TIE_EPS) -> np
 
 # ---- what is checked ------------------------------------------------------------------
 
-DEMO_MODEL = Path(__file__).resolve().parent / "demo_model"
 SENTENCES = [
     "The President shall deliver a message to the [MASK] on the state of the union.",
     "In the beginning God created the heaven and the [MASK].",

@@ -80,11 +80,19 @@ def check_text(value, column: str, where: str, optional: bool = False) -> str | 
     return value
 
 
+# A class name is a word or a number; a longer "label" is a mistake (a text in the wrong
+# column), and a number of thousands of digits would not even convert.
+MAX_LABEL_CHARS = 1000
+
+
 def _check_label(value, column: str, where: str):
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise UFBError(f"{where}: '{column}' must be a string or a number, got {json.dumps(value)}")
+        shown = "null" if value is None else f"a JSON {'array' if isinstance(value, list) else type(value).__name__}"
+        raise UFBError(f"{where}: '{column}' must be a string or a number, got {shown}")
     if isinstance(value, str) and not value.strip():
         raise UFBError(f"{where}: '{column}' is empty")
+    if isinstance(value, str) and len(value) > MAX_LABEL_CHARS:
+        raise UFBError(f"{where}: '{column}' is {len(value)} characters long (a label has at most {MAX_LABEL_CHARS})")
     if isinstance(value, float) and not math.isfinite(value):
         raise UFBError(f"{where}: '{column}' is {value}")
     return value
@@ -115,6 +123,10 @@ def _read_jsonl(path, content, fmt, text_col, pair_col, label_col, need_label):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UFBError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
+        except RecursionError:
+            raise UFBError(f"{where}: not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # e.g. an integer of more than 4300 digits
+            raise UFBError(f"{where}: not valid JSON ({str(e).splitlines()[0][:100]})") from None
         if not isinstance(row, dict):
             raise UFBError(f"{where}: expected a JSON object with a '{text_col}' field, got {type(row).__name__}")
         if text_col not in row:
@@ -138,6 +150,9 @@ def _read_delimited(path, content, fmt, text_col, pair_col, label_col, need_labe
         if header is None:
             return []
         header = [h.strip() for h in header]
+        twice = sorted({h for h in header if header.count(h) > 1})
+        if twice:
+            raise UFBError(f"{path}:1: column '{twice[0]}' appears more than once in the header")
         if text_col not in header:
             raise UFBError(f"{path}:1: no '{text_col}' column in the header (columns: {', '.join(header)})")
         if need_label and label_col not in header:
@@ -162,6 +177,7 @@ def _read_delimited(path, content, fmt, text_col, pair_col, label_col, need_labe
 # ---------------------------------------------------------------------------------------
 # Labels
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INT = re.compile(r"[+-]?\d+")
 _INTEGRAL = re.compile(r"[+-]?\d+(\.0*)?")  # "1", "1.", "1.00": the class 1
 
@@ -184,14 +200,20 @@ def regression_target(ex: Example) -> float:
     v = ex.label
     if v is None:
         raise UFBError(f"{ex.where}: no label")
+    shown = repr(ex.label) if len(repr(ex.label)) <= 40 else repr(ex.label)[:37] + "..."
     if isinstance(v, str):
         try:
             v = float(v.strip())
         except ValueError:
-            raise UFBError(f"{ex.where}: label {ex.label!r} is not a number (the task is regression)") from None
-    if not math.isfinite(v):
-        raise UFBError(f"{ex.where}: label {ex.label!r} is not a finite number")
-    return float(v)
+            raise UFBError(f"{ex.where}: label {shown} is not a number (the task is regression)") from None
+    try:
+        v = float(v)
+    except OverflowError:  # an integer beyond float64
+        v = math.inf
+    # Training runs in float32: a label beyond its range would be infinite there.
+    if not math.isfinite(v) or abs(v) > _FLOAT32_MAX:
+        raise UFBError(f"{ex.where}: label {shown} is not a finite float32 number (|label| <= {_FLOAT32_MAX:.4g})")
+    return v
 
 
 def build_labels(examples: list[Example], source: str) -> list[str]:

@@ -22,6 +22,7 @@ Under ``mlx.launch -n N`` the processes train data-parallel (--batch-size is per
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -176,6 +177,11 @@ def _check_args(a) -> None:
 
 
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as held:  # the lock on --out, until the run ends
+        return _main(argv, held)
+
+
+def _main(argv, held: contextlib.ExitStack) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
     world = train.World()
@@ -210,6 +216,7 @@ def main(argv=None) -> int:
     x_train, cut_train = encoder(train_ex)
     x_valid, cut_valid = encoder(valid_ex) if valid_ex else ([], 0)
     world.check_same("training data", _digest(x_train, y_train))
+    held.enter_context(train.lock_out(out, world))
     resume_from = train.prepare_out(out, world, a.resume, a.force)
 
     source = {"finetuned_from": str(a.model), "task": a.task, "train": str(a.train)}

@@ -59,6 +59,7 @@ from ufb_ref.tokenizer import pad_batch
 from .entry import console
 from .model import DEMO, load
 from .progress import Progress
+from .train import clean_tree
 
 STRATEGIES = ("iterative", "parallel")
 
@@ -114,6 +115,8 @@ def fill_mask(model, tokenizer, prompts, top_k: int = 5, strategy: str = "iterat
         raise UFBError(f"top_k must be a positive integer, got {top_k!r}")
     if not np.isfinite(temperature) or temperature < 0:
         raise UFBError(f"temperature must be >= 0, got {temperature!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise UFBError(f"seed must be a non-negative integer, got {seed!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise UFBError(f"batch_size must be a positive integer, got {batch_size!r}")
     if getattr(model.args, "task", "mlm") != "mlm":
@@ -218,10 +221,14 @@ def _fill_batch(model, tokenizer, encoded, rngs, top_k, strategy, temperature, b
 
 
 def _choose(ranked, logits, temperature, rng) -> int:
+    if not np.isfinite(ranked).all():
+        raise UFBError("the model's probabilities are not finite (NaN): its weights or inputs are broken")
     if temperature <= 0:
         return int(np.argmax(ranked))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+    # The maximum is subtracted before dividing: a tiny temperature then sends the others
+    # to -inf (probability 0) instead of every logit to +-inf (NaN).
+    z = (logits.astype(np.float64) - logits.max()) / temperature
+    p = np.exp(z)
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
@@ -278,7 +285,7 @@ def read_prompts(args) -> tuple[list[str], list[str | None]]:
     """(prompts, labels naming each in error messages)."""
     if args.prompts_file is not None:
         if args.prompts_file == "-":
-            text, name = sys.stdin.read(), "stdin"
+            text, name = read_stdin(), "stdin"
         else:
             path = Path(args.prompts_file)
             if not path.is_file():
@@ -299,9 +306,19 @@ def read_prompts(args) -> tuple[list[str], list[str | None]]:
     if args.prompt.count("-") > 1:
         raise UFBError("--prompt - (stdin) can be given once")
     for text in args.prompt:
-        prompts.append(sys.stdin.read().strip() if text == "-" else text)
+        prompts.append(read_stdin().strip() if text == "-" else text)
     labels = [f"prompt {i + 1}" for i in range(len(prompts))] if len(prompts) > 1 else [None]
     return prompts, labels
+
+
+def read_stdin() -> str:
+    """Standard input as UTF-8 text; anything else is a one-line error naming the line."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise UFBError(f"stdin line {line}: not valid UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def format_text(results) -> str:
@@ -338,9 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     stats.update(seconds=seconds, tokens_per_s=stats["encoded_tokens"] / max(seconds, 1e-9),
                  peak_memory_mb=peak_memory_mb())
     if args.json:
-        print(json.dumps({"model": str(args.model), "fff_mode": args.fff_mode, "strategy": args.strategy,
-                          "top_k": args.top_k, "temperature": args.temperature, "seed": args.seed,
-                          "results": results, "stats": stats}, indent=2))
+        # Strict JSON: a non-finite number (never expected) is written as null, not NaN.
+        print(json.dumps(clean_tree({"model": str(args.model), "fff_mode": args.fff_mode,
+                                     "strategy": args.strategy, "top_k": args.top_k,
+                                     "temperature": args.temperature, "seed": args.seed,
+                                     "results": results, "stats": stats}), indent=2, allow_nan=False))
     else:
         print(format_text(results))
         print(f"prompt tokens: {stats['prompt_tokens']}, encoded tokens: {stats['encoded_tokens']} "

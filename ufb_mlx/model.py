@@ -223,6 +223,9 @@ def check_inputs(input_ids, attention_mask, args: ModelArgs):
         raise UFBError(f"input_ids must be an integer array (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
     if ids.shape[1] > args.max_seq_length:
         raise UFBError(f"sequence length {ids.shape[1]} exceeds max_seq_length {args.max_seq_length}")
+    # An id outside the table would read out of bounds (MLX's gather does not check).
+    if ids.size and (mx.min(ids).item() < 0 or mx.max(ids).item() >= args.vocab_size):
+        raise UFBError(f"input_ids outside the vocabulary [0, {args.vocab_size})")
     if attention_mask is None:
         mask = mx.ones(ids.shape, dtype=mx.int32)
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -133,6 +134,11 @@ def _tokenizer_hash(tok: Tokenizer) -> str:
 
 
 def main(argv=None) -> int:
+    with contextlib.ExitStack() as held:  # the lock on --out, until the run ends
+        return _main(argv, held)
+
+
+def _main(argv, held: contextlib.ExitStack) -> int:
     a = build_parser().parse_args(argv)
     _check_args(a)
     world = train.World()
@@ -160,6 +166,11 @@ def main(argv=None) -> int:
         raise UFBError(f"--seq-length {seq} exceeds the model's max_seq_length {cfg['max_seq_length']}")
     if not a.model:
         cfg["max_seq_length"] = seq
+        # The largest model this run can build (the tokenizer may bring fewer tokens), checked
+        # before a tokenizer is trained on a vocabulary that cannot be: nothing written yet.
+        largest = ModelArgs.from_dict(dict(cfg, vocab_size=a.vocab_size or cfg["vocab_size"], pad_token_id=0),
+                                      where=f"the model to pretrain ({a.config or 'base'}, --vocab-size, --seq-length)")
+        train.check_training_memory(largest)
     if a.tokenizer:
         Tokenizer(a.tokenizer)  # a clear error for a missing or bad tokenizer.json
     resume_from = train.check_out(out, a.resume, a.force)
@@ -214,6 +225,7 @@ def main(argv=None) -> int:
         valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
+    held.enter_context(train.lock_out(out, world))
     train.prepare_out(out, world, a.resume, a.force)
     if hf is not None and world.main:
         data.save_tokenizer_files(hf, out, seq)

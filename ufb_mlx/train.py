@@ -24,6 +24,7 @@ are kept.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -41,7 +42,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE
+from ufb_ref import fsio
+from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, expected_shapes
+from ufb_ref.config import ModelArgs
+from ufb_ref.fsio import atomic_write_text
 from ufb_ref.errors import UFBError
 
 from .entry import Interrupted
@@ -210,16 +214,35 @@ class Trainer:
             model, lambda model, batch, scale: loss(model, **batch, reduction="sum") * scale)
 
     def step(self, step: int, batch: dict, scale: float) -> float:
+        """One update; a NonFiniteLoss, before the update, when the loss or a gradient is NaN
+        or infinite (the weights and every checkpoint stay as they were)."""
         mx.random.seed(step_seed(self.seed, step, self.world.rank))
         self.model.train()
         loss, grads = self._value_and_grad(self.model, batch, scale)
         if self.world.size > 1:
             grads = nn.average_gradients(grads, group=self.world.group)
+        # The averaged gradients are the same on every process, so all stop together.
+        finite = mx.array(True)
+        for _, g in tree_flatten(grads):
+            finite = finite & mx.all(mx.isfinite(g))
+        mx.eval(loss, finite)
+        if not finite.item() or (self.world.size == 1 and not math.isfinite(loss.item())):
+            raise NonFiniteLoss(step, loss.item())
         if self.grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, self.grad_clip)
         self.optimizer.update(self.model, grads)
         mx.eval(loss, self.model.parameters(), self.optimizer.state)
         return loss.item()
+
+
+class NonFiniteLoss(UFBError):
+    """Training stopped: a loss or gradient that is NaN or infinite would make every weight NaN."""
+
+    def __init__(self, step: int, loss: float):
+        self.step = step
+        super().__init__(f"step {step}: the loss is {loss:.4g} and the gradients are not all finite; training "
+                         "stopped before the update, so the last checkpoint and the saved model are kept. Lower "
+                         "--lr, set --grad-clip, or look for extreme labels or inputs")
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,11 +299,11 @@ class Logger:
                 f.write(json.dumps({"event": event, **clean_tree(values), **stamp}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget what the killed run logged after its last checkpoint."""
+        """On resume: forget what the killed run logged after its last checkpoint, and a
+        line it was killed in the middle of writing."""
         if not self.world.main or not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        keep = [json.dumps(rec) for rec in read_log(self.path.parent) if rec.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
@@ -289,8 +312,20 @@ def peak_memory_gb() -> float:
 
 
 def read_log(out) -> list[dict]:
+    """The records of OUT/log.jsonl; a line that is not a JSON object (one cut short by a
+    kill) is skipped."""
     path = Path(out) / LOG_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(rec, dict):
+            records.append(rec)
+    return records
 
 
 def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps: int, get_batch,
@@ -346,35 +381,15 @@ def resume_hint(out: Path, step: int) -> str:
 # Files
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
 def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
     mx.save_safetensors(str(path), arrays, metadata=metadata or {})
-    _fsync(path)
+    fsio.fsync(path)
+    SafetensorsFile(path)  # MLX does not report a failed write (a full disk): the header and size tell
 
 
 def atomic_save_arrays(path: Path, arrays: dict) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
-    _save_arrays(tmp, arrays, {"format": "mlx"})
-    os.replace(tmp, path)
+    with fsio.atomic_file(path) as tmp:
+        _save_arrays(tmp, arrays, {"format": "mlx"})
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -401,12 +416,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     _save_arrays(tmp / WEIGHTS_FILE, dict(tree_flatten(model.parameters())))
     _save_arrays(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
     (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
-    _fsync(tmp / STATE_FILE)
-    _fsync(tmp)
+    fsio.fsync(tmp / STATE_FILE)
+    fsio.fsync(tmp)
     if final.exists():  # a resumed run saving the same step again
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsio.fsync(root)
     for _, old in list_checkpoints(out)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -414,13 +429,23 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
 
 def restore_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore a training checkpoint's weights and optimizer state in place; returns its
-    trainer state (step, run options, best result)."""
+    trainer state (step, run options, best result). Every file is checked (the safetensors
+    headers against the file sizes, the weights finite) before anything is restored."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        model.load_weights(list(mx.load(str(path / WEIGHTS_FILE)).items()), strict=True)
-        optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise UFBError(f"{path}: cannot read the checkpoint ({str(e).splitlines()[0]})") from e
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError(f"{STATE_FILE} holds no step")
+        for name in (WEIGHTS_FILE, OPTIMIZER_FILE):
+            SafetensorsFile(path / name)
+        weights = mx.load(str(path / WEIGHTS_FILE))
+        opt_state = mx.load(str(path / OPTIMIZER_FILE))
+        bad = [k for k, v in weights.items() if not mx.all(mx.isfinite(v)).item()]
+        if bad:
+            raise ValueError(f"weight '{bad[0]}' is not finite")
+        model.load_weights(list(weights.items()), strict=True)
+        optimizer.state = tree_unflatten(list(opt_state.items()))
+    except (OSError, ValueError, RuntimeError, RecursionError) as e:
+        raise UFBError(f"{path}: cannot read the checkpoint ({(str(e).splitlines() or ['?'])[0]})") from e
     mx.eval(model.parameters(), optimizer.state)
     return state
 
@@ -444,6 +469,30 @@ def check_out(out: Path, resume: bool, force: bool) -> tuple[int, Path] | None:
         raise UFBError(f"output folder '{out}' already holds a training run or a model; "
                        "pass --resume to continue the run or --force to start over")
     return None
+
+
+def lock_out(out: Path, world: World):
+    """The output folder's write lock (ufb_ref.fsio.folder_lock), held by rank 0: a second
+    run on the same --out stops with a one-line error instead of mixing its files in."""
+    return fsio.folder_lock(out) if world.main else contextlib.nullcontext()
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_training_memory(args: ModelArgs) -> None:
+    """Refuse, before anything is written, a model whose training state alone (float32
+    weights, gradients and AdamW's two moments) cannot fit in this machine's memory."""
+    n = sum(math.prod(shape) for shape in expected_shapes(args).values())
+    need, have = 16 * n, physical_memory()
+    if have and need > have:
+        raise UFBError(f"the model has {n / 1e9:.3g}G parameters: training needs at least {need / 2**30:.1f} GiB "
+                       f"(weights, gradients and optimizer state), more than this machine's {have / 2**30:.1f} GiB; "
+                       "make it smaller (fff_depth, hidden_size, num_layers, vocab_size)")
 
 
 def prepare_out(out: Path, world: World, resume: bool, force: bool) -> tuple[int, Path] | None:
@@ -478,10 +527,24 @@ def clean_stale_temporaries(out: Path) -> None:
 
 def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, logger, total: int) -> dict:
     """Continue a killed run: restore model, optimizer and trainer state from its last
-    checkpoint, refuse options that would change the result, and cut the log back to it."""
+    checkpoint (or, when that one cannot be read, the newest older one that can), refuse
+    options that would change the result, and cut the log back to it."""
     if world.main:
         clean_stale_temporaries(out)
-    state = restore_checkpoint(checkpoint, model, optimizer)
+    candidates = [p for _, p in reversed(list_checkpoints(out)) if p.name <= Path(checkpoint).name]
+    errors = []
+    for path in candidates or [Path(checkpoint)]:
+        try:
+            state = restore_checkpoint(path, model, optimizer)
+            break
+        except UFBError as e:
+            errors.append(str(e))
+    else:
+        raise UFBError(f"--resume: no readable checkpoint in '{Path(out) / CHECKPOINTS}' ({errors[0]})")
+    if errors and world.main:  # the broken ones are replaced when the run saves those steps again
+        print(f"warning: skipped {len(errors)} unreadable checkpoint{'s' if len(errors) > 1 else ''} "
+              f"({errors[0]}); resuming from the older {path.name}", file=sys.stderr, flush=True)
+    checkpoint = path
     check_resume(state.get("run", {}), run_cfg)
     logger.truncate_after(state["step"])
     logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")

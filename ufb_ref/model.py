@@ -15,7 +15,6 @@ from . import fff as fff_lib
 from .checkpoint import load_checkpoint
 from .config import ModelArgs
 from .errors import UFBError
-from .tokenizer import Tokenizer
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:
@@ -157,8 +156,8 @@ class Model:
         return mlm_logits(self.weights, hidden)
 
 
-def load(path_or_hub_id, dtype=np.float32, mode: str = "descent"):
-    """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id."""
-    ckpt = load_checkpoint(path_or_hub_id)
-    return (Model(ckpt.args, ckpt.weights, dtype=dtype, mode=mode),
-            Tokenizer(ckpt.folder, ckpt.args.max_seq_length))
+def load(path_or_hub_id, dtype=np.float32, mode: str = "descent", allow_nonfinite: bool = False):
+    """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
+    Weights holding NaN or Inf are refused unless ``allow_nonfinite``."""
+    ckpt = load_checkpoint(path_or_hub_id, allow_nonfinite=allow_nonfinite)
+    return Model(ckpt.args, ckpt.weights, dtype=dtype, mode=mode), ckpt.tokenizer

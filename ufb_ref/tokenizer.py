@@ -11,12 +11,19 @@ import numpy as np
 from .errors import UFBError
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<cls>", "<sep>", "<mask>")
+# Characters one token can stand for (WordPiece reads words up to 100 characters, longer
+# ones become one <unk>; plus a separator): a text longer than max_length times this is
+# refused before tokenising, which for a huge text would cost seconds and gigabytes.
+CHARS_PER_TOKEN = 101
 # Users type BERT's spelling as often as the model's own.
 _MASK_ALIASES = re.compile(r"\[MASK\]")
 
 
 class Tokenizer:
-    def __init__(self, path: str | Path, max_length: int | None = None):
+    """``max_length``: the model's max_seq_length (longer texts are refused); ``vocab_size``:
+    the model's vocabulary, which every id the tokenizer can emit must fit."""
+
+    def __init__(self, path: str | Path, max_length: int | None = None, vocab_size: int | None = None):
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
@@ -24,10 +31,12 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise UFBError(f"{path}: no tokenizer.json in the model folder")
+        _check_template(path)
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
-            raise UFBError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from e
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise UFBError(f"{path}: not a valid tokenizer.json ({first})") from None
         self._tok.no_padding()
         self._tok.no_truncation()
         self.path = path
@@ -37,6 +46,14 @@ class Tokenizer:
         if missing:
             raise UFBError(f"{path}: tokenizer has no '{missing[0]}' token")
         self.special_ids = {n: i for n, i in ids.items() if i is not None}
+        self.model_vocab_size = vocab_size
+        self._encode("a", "b")  # a template naming tokens it does not define fails here, not later
+        if vocab_size is not None:
+            vocab = self._tok.get_vocab(with_added_tokens=True)
+            token, top = max(vocab.items(), key=lambda kv: kv[1], default=("", -1))
+            if top >= vocab_size:
+                raise UFBError(f"{path}: token {token[:40]!r} has id {top}, outside the model's vocabulary "
+                               f"(vocab_size {vocab_size})")
 
     pad_token_id = property(lambda self: self.special_ids["<pad>"])
     mask_token_id = property(lambda self: self.special_ids["<mask>"])
@@ -54,16 +71,38 @@ class Tokenizer:
         for t in (text, text_pair):
             if t is not None and not isinstance(t, str):
                 raise UFBError(f"text must be a string, got {type(t).__name__}")
+            if t is not None and not t.isascii():
+                try:  # lone surrogates: undecodable bytes of argv or a file read with surrogateescape
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise UFBError(f"text is not valid UTF-8 (character {e.start}): {t[:40]!r}") from None
         if not text or not text.strip():
             raise UFBError("empty text: nothing to tokenize")
+        chars = len(text) + len(text_pair or "")
+        if self.max_length is not None and chars > self.max_length * CHARS_PER_TOKEN:
+            raise UFBError(f"text is {chars} characters long, more than the model's max_seq_length "
+                           f"{self.max_length} tokens can hold: {text[:40]!r}...")
         text = _MASK_ALIASES.sub(self.mask_token, text)
         if text_pair is not None:
             text_pair = _MASK_ALIASES.sub(self.mask_token, text_pair)
-        ids = self._tok.encode(text, text_pair).ids
+        ids = self._encode(text, text_pair)
         if self.max_length is not None and len(ids) > self.max_length:
             raise UFBError(f"text is {len(ids)} tokens long, more than the model's max_seq_length "
                            f"{self.max_length}: {text[:40]!r}...")
+        if self.model_vocab_size is not None and ids and max(ids) >= self.model_vocab_size:
+            # The template's special tokens carry their own ids, outside get_vocab's view.
+            raise UFBError(f"{self.path}: the tokenizer emitted id {max(ids)}, outside the model's "
+                           f"vocabulary (vocab_size {self.model_vocab_size})")
         return ids
+
+    def _encode(self, text: str, text_pair: str | None = None) -> list[int]:
+        try:
+            return self._tok.encode(text, text_pair).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a broken tokenizer.json makes the Rust side panic (PanicException)
+            first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+            raise UFBError(f"{self.path}: the tokenizer failed ({first}); its tokenizer.json is broken") from None
 
     def __call__(self, texts, text_pairs=None) -> dict[str, np.ndarray]:
         """Batch encode, right-padded with ``<pad>``: {input_ids, attention_mask} (int64)."""
@@ -95,6 +134,30 @@ class Tokenizer:
 
     def tokens(self, text: str) -> list[str]:
         return [self.id_to_token(i) for i in self.encode(text)]
+
+
+def _check_template(path: Path) -> None:
+    """A TemplateProcessing post-processor must define every special token its templates
+    use: `tokenizers` loads one that does not, then panics (printing a Rust backtrace) on the
+    first text it encodes."""
+    from .checkpoint import read_json_object
+
+    proc = read_json_object(path).get("post_processor")
+    procs = proc.get("processors", []) if isinstance(proc, dict) and proc.get("type") == "Sequence" else [proc]
+    for proc in procs:
+        if not isinstance(proc, dict) or proc.get("type") != "TemplateProcessing":
+            continue
+        defined = proc.get("special_tokens")
+        defined = defined if isinstance(defined, dict) else {}
+        for which in ("single", "pair"):
+            for piece in proc.get(which) or []:
+                special = piece.get("SpecialToken") if isinstance(piece, dict) else None
+                name = special.get("id") if isinstance(special, dict) else None
+                entry = defined.get(name) if isinstance(name, str) else None
+                if special is not None and not (isinstance(entry, dict) and isinstance(entry.get("ids"), list)
+                                                and entry["ids"]):
+                    raise UFBError(f"{path}: the post-processor's {which} template uses special token "
+                                   f"{str(name)[:40]!r}, which it does not define")
 
 
 def pad_batch(sequences: list[list[int]], pad_id: int, length: int | None = None) -> dict[str, np.ndarray]:
