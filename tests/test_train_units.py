@@ -187,7 +187,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
         tr2.step(s, batches[s - 1], 1.0)
     for (k, a), (_, b) in zip(tree_flatten(model.parameters()), tree_flatten(model2.parameters())):
         assert np.array_equal(np.array(a), np.array(b)), k
-    assert not list((tmp_path / "checkpoints").glob(".tmp*"))
+    assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary left beside the checkpoints
 
 
 def test_single_process_world():
@@ -244,3 +244,30 @@ def test_resume_fingerprint_covers_every_option(tool):
     dests = {a.dest for a in parser._actions if a.dest != "help"}
     assert dests - set(fp) == set(train.NOT_FINGERPRINTED) & dests | set(inputs)
     assert fp["seen"] == 1 and fp["betas"] == [0.9, 0.98]
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path):
+    """What a killed writer (a process that is gone) left beside the checkpoints and the
+    model files is removed when the run resumes; a live writer's temporaries stay."""
+    import os
+
+    dead = 2**22 + 12345
+    while True:  # a process id that is not running
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            dead += 1
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    stale = [root / f".step-00000010.tmp-{dead}-0123abcd", tmp_path / f".model.safetensors.tmp-{dead}-0123abcd.safetensors",
+             tmp_path / f".config.json.tmp-{dead}-89abcdef.json"]
+    live = root / f".step-00000020.tmp-{os.getpid()}-0123abcd"
+    stale[0].mkdir()
+    live.mkdir()
+    for f in stale[1:]:
+        f.write_text("half")
+    train.clean_stale_temporaries(tmp_path)
+    assert not any(p.exists() for p in stale) and live.is_dir()

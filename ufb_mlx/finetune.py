@@ -32,6 +32,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from ufb_ref import fsio
 from ufb_ref.checkpoint import CONFIG_FILE, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
@@ -314,7 +315,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                  after_step=after_step, log_every=a.log_every,
                  describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
     if world.main:
-        train.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
+        fsio.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
     if best["value"] is not None:
         logger.print(f"best {a.metric} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']}); "
                      f"model saved in {out}")

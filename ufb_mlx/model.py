@@ -12,7 +12,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_checkpoint
+from ufb_ref import fsio
+from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, load_checkpoint
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.model import sinusoidal_table
@@ -327,25 +328,32 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     return model, Tokenizer(ckpt.folder, args.max_seq_length)
 
 
+def save_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:
+    """``mx.save_safetensors``, flushed to disk and read back: MLX reports no failed write
+    (a full disk), the header and the file size tell."""
+    mx.save_safetensors(str(path), arrays, metadata=metadata or {})
+    fsio.fsync(path)
+    SafetensorsFile(path)
+
+
 def save_model(folder, model_or_weights, args: ModelArgs, tokenizer_folder=None, dtype=None) -> Path:
     """Write the model folder that ``load`` reads: config.json (the flat ModelArgs),
     model.safetensors (the parameters, cast to ``dtype`` if given) and the tokenizer files
-    copied from ``tokenizer_folder``. Each file is replaced atomically, so a reader never
-    sees a half-written one. The one writer of model folders (convert, fine-tuning,
-    pretraining)."""
-    from .train import atomic_save_arrays, atomic_write_text  # the shared atomic writes
-
+    copied from ``tokenizer_folder``. Each file is replaced atomically (ufb_ref.fsio), so a
+    reader never sees a half-written one. The one writer of model folders (convert,
+    fine-tuning, pretraining)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if tokenizer_folder is not None and Path(tokenizer_folder).resolve() != folder.resolve():
         for name in TOKENIZER_FILES:
             src = Path(tokenizer_folder) / name
             if src.is_file():
-                atomic_write_text(folder / name, src.read_text())
-    atomic_write_text(folder / CONFIG_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
+                fsio.atomic_write_bytes(folder / name, src.read_bytes())
+    fsio.atomic_write_text(folder / CONFIG_FILE, json.dumps(args.to_dict(), indent=2) + "\n")
     weights = (dict(tree_flatten(model_or_weights.parameters())) if isinstance(model_or_weights, nn.Module)
                else {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in model_or_weights.items()})
     if dtype is not None:
         weights = {k: v.astype(dtype) for k, v in weights.items()}
-    atomic_save_arrays(folder / WEIGHTS_FILE, weights)
+    with fsio.atomic_file(folder / WEIGHTS_FILE) as tmp:
+        save_safetensors(tmp, weights, {"format": "mlx"})
     return folder

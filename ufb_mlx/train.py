@@ -49,6 +49,7 @@ from ufb_ref.fsio import atomic_write_text
 from ufb_ref.errors import UFBError
 
 from .entry import Interrupted
+from .model import save_safetensors
 from .progress import Progress
 
 CHECKPOINTS = "checkpoints"
@@ -57,6 +58,7 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
 SCHEDULES = ("cosine", "triangle", "constant")
 _CKPT = re.compile(r"step-(\d{8,})$")
+_CKPT_TEMP = re.compile(r"\.(step-\d{8,})\.(?:tmp|old)-")  # ufb_ref.fsio's temporary names
 # Files a run writes into its output folder (what --force may remove).
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "train_results.json", *TOKENIZER_FILES)
 
@@ -381,17 +383,6 @@ def resume_hint(out: Path, step: int) -> str:
 # Files
 
 
-def _save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
-    mx.save_safetensors(str(path), arrays, metadata=metadata or {})
-    fsio.fsync(path)
-    SafetensorsFile(path)  # MLX does not report a failed write (a full disk): the header and size tell
-
-
-def atomic_save_arrays(path: Path, arrays: dict) -> None:
-    with fsio.atomic_file(path) as tmp:
-        _save_arrays(tmp, arrays, {"format": "mlx"})
-
-
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     root = Path(out) / CHECKPOINTS
     if not root.is_dir():
@@ -405,23 +396,15 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
-    """Write OUT/checkpoints/step-XXXXXXXX atomically (temporary folder, then rename) and
-    keep the newest ``keep`` checkpoints."""
+    """Write OUT/checkpoints/step-XXXXXXXX atomically (ufb_ref.fsio.atomic_folder: a
+    temporary folder, then a rename) and keep the newest ``keep`` checkpoints."""
     root = Path(out) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_arrays(tmp / WEIGHTS_FILE, dict(tree_flatten(model.parameters())))
-    _save_arrays(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
-    (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
-    fsio.fsync(tmp / STATE_FILE)
-    fsio.fsync(tmp)
-    if final.exists():  # a resumed run saving the same step again
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsio.fsync(root)
+    # replace: a resumed run saving the same step again
+    with fsio.atomic_folder(final, replace=True) as tmp:
+        save_safetensors(tmp / WEIGHTS_FILE, dict(tree_flatten(model.parameters())))
+        save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
+        (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
     for _, old in list_checkpoints(out)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -515,14 +498,15 @@ def prepare_out(out: Path, world: World, resume: bool, force: bool) -> tuple[int
 
 
 def clean_stale_temporaries(out: Path) -> None:
-    """Temporary checkpoint folders and files left by a killed run."""
+    """What a killed run left half-written: temporary checkpoint folders and files of the
+    model folder (ufb_ref.fsio.clean_stale_temporaries, which keeps those of live
+    processes)."""
     root = Path(out) / CHECKPOINTS
-    if root.is_dir():
-        for p in root.glob(".tmp-step-*"):
-            shutil.rmtree(p, ignore_errors=True)
-    for p in Path(out).glob(".*.tmp*"):
-        if p.is_file():
-            p.unlink(missing_ok=True)
+    names = {m.group(1) for p in root.iterdir() if (m := _CKPT_TEMP.match(p.name))} if root.is_dir() else set()
+    for name in names:
+        fsio.clean_stale_temporaries(root / name)
+    for name in RUN_FILES:
+        fsio.clean_stale_temporaries(Path(out) / name)
 
 
 def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, logger, total: int) -> dict:
