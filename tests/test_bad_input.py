@@ -354,8 +354,15 @@ def test_nonfinite_weights_are_refused_naming_the_tensor(tmp_path, value):
     assert_one_line_error(convert_cli("--hf-path", src, "--mlx-path", tmp_path / "out"), needle, "--allow-nonfinite")
     model, _ = ufb_ref.load(src, allow_nonfinite=True)  # asked for: loads as it is
     assert not np.isfinite(model.weights[key]).all()
+    mlx_model, _ = ufb_mlx.load(src, allow_nonfinite=True)
+    assert not np.isfinite(np.array(mlx_model.encoder.layers[1].ffn.linear_in.weight)).all()
     proc = convert_cli("--hf-path", src, "--mlx-path", tmp_path / "out", "--allow-nonfinite")
     assert proc.returncode == 0, proc.stderr
+    gen = run_cli(["-m", "ufb_mlx.generate", "--model", str(src), "--prompt", "a [MASK] b", "--json"])
+    assert_one_line_error(gen, needle, "--allow-nonfinite")
+    gen = run_cli(["-m", "ufb_mlx.generate", "--model", str(src), "--prompt", "a [MASK] b", "--json",
+                   "--allow-nonfinite"])
+    assert gen.returncode == 0 and json.loads(gen.stdout)  # strict JSON even with NaN scores
 
 
 # ---------------------------------------------------------------------------- config values

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from ufb_ref.errors import UFBError
+
 import corpus_fixtures as fx
 from ufb_corpus import fetch, pipeline
-from ufb_corpus.atomic import replace_folder
 from ufb_corpus.build import main
 from ufb_corpus.dictd import read_dictd_package
 from ufb_corpus.fetch import FetchError, Fetched, extract_tar_stream, fetch_deb, fetch_npm
@@ -97,20 +98,27 @@ def test_fetch_reports_a_missing_tool_and_a_failed_download(tmp_path, monkeypatc
     assert calls == [["apt-get", "download"], ["apt-get", "update"], ["apt-get", "download"]]
 
 
-def test_replace_folder_is_all_or_nothing(tmp_path):
-    dest = tmp_path / "pkg"
-    replace_folder(dest, lambda tmp: (tmp / "a.txt").write_text("old"))
+def test_unpacking_is_all_or_nothing(tmp_path):
+    """A package is unpacked into a temporary sibling (ufb_ref.fsio.atomic_folder) and gets
+    its final name only when complete; a failed unpacking leaves nothing behind."""
+    from ufb_corpus.fetch import _extract_once
 
     def half(tmp):
-        (tmp / "a.txt").write_text("new")
+        (tmp / "a.txt").write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError, match="disk full"):
-        replace_folder(dest, half)
-    assert [p.name for p in tmp_path.iterdir()] == ["pkg"]  # no temporary folder left
-    assert (dest / "a.txt").read_text() == "old"
-    replace_folder(dest, lambda tmp: (tmp / "b.txt").write_text("new"))
-    assert [p.name for p in dest.iterdir()] == ["b.txt"]
+    dest = tmp_path / "pkg"
+    with pytest.raises(UFBError, match="cannot write .*pkg': disk full"):
+        _extract_once(dest, half)
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left, no half package
+
+    def whole(tmp):
+        (tmp / "a.txt").write_text("all")
+        return 1
+
+    assert _extract_once(dest, whole) == dest
+    assert sorted(p.name for p in dest.iterdir()) == [".complete", "a.txt"]
+    assert _extract_once(dest, half) == dest  # complete: not unpacked again
 
 
 # --------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ufb_ref.errors import UFBError
+
 from .pipeline import Settings, build_corpus
 from .sources import (DEFAULT_GROUP_CAPS, DEFAULT_MAX_MB_PER_SOURCE, DEFAULT_SOURCE_CAPS, Source,
                       default_sources)
@@ -130,9 +132,13 @@ def main(argv: Sequence[str] | None = None, sources: list[Source] | None = None)
 
 
 def cli() -> int:
-    """``main`` as a command: Ctrl-C exits 130 with one line, not a traceback."""
+    """``main`` as a command: a user or file-system error (UFBError) is one line and exit 2,
+    Ctrl-C exits 130 with one line, never a traceback."""
     try:
         return main()
+    except UFBError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

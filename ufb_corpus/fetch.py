@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .atomic import replace_folder
+from ufb_ref.fsio import atomic_folder, clean_stale_temporaries
 
 LOG = logging.getLogger(__name__)
 
@@ -94,7 +94,9 @@ def _extract_once(dest: Path, do_extract: Callable[[Path], int]) -> Path:
             raise FetchError(f"nothing extracted into {dest}")
         (tmp / ".complete").write_text(str(count))
 
-    replace_folder(dest, fill)
+    clean_stale_temporaries(dest)  # what a killed unpacking left
+    with atomic_folder(dest, replace=True) as tmp:
+        fill(tmp)
     return dest
 
 

@@ -3,6 +3,7 @@ select, de-duplicate across sources, split train/heldout per document, write the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -12,8 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+from ufb_ref.fsio import atomic_file
+
 from .allocate import compute_caps, counts, is_heldout, merge_counts, select_docs, text_mb
-from .atomic import AtomicOutputs
 from .fetch import Fetched
 from .notices import render_data_sources
 from .sources import Source, default_sources, fetch_source
@@ -238,20 +240,22 @@ def build_corpus(registry: Sequence[Source], out: Path, work: Path, settings: Se
 
     stats = corpus_stats(registry, settings, fetched, results, parsed, available, caps, per_source,
                          train_lines, heldout_lines)
-    with AtomicOutputs(out) as outputs:
-        with outputs.open("train.txt") as fh:
-            for line in train_lines:
-                fh.write(line + "\n")
-        with outputs.open("heldout.txt") as fh:
-            for line in heldout_lines:
-                fh.write(line + "\n")
-        with outputs.open("DATA_SOURCES.md") as fh:
-            fh.write(render_data_sources(registry, results, stats))
+    # The four outputs are replaced together: each is written under a temporary name, and
+    # all are renamed into place only once every one is complete (ufb_ref.fsio).
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as outputs:
+        tmp = {name: outputs.enter_context(atomic_file(Path(out) / name))
+               for name in ("stats.json", "DATA_SOURCES.md", "heldout.txt", "train.txt")}
+
+        def write(name, text):
+            with open(tmp[name], "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+
+        write("train.txt", "".join(line + "\n" for line in train_lines))
+        write("heldout.txt", "".join(line + "\n" for line in heldout_lines))
+        write("DATA_SOURCES.md", render_data_sources(registry, results, stats))
         stats["runtime_seconds"] = round(time.time() - t_start, 1)
-        with outputs.open("stats.json") as fh:
-            json.dump(stats, fh, indent=2)
-            fh.write("\n")
-        outputs.commit()
+        write("stats.json", json.dumps(stats, indent=2) + "\n")
 
     t = stats["total"]
     LOG.info("wrote %s: train %d sentences / %d words / %.2f MB, heldout %d / %d / %.2f MB in %.0fs",

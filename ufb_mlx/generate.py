@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="0: take the most probable token (default); > 0: sample from softmax(logits / T)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass (default 16)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a model whose weights hold NaN or Inf (refused by default, naming the tensor)")
     p.add_argument("--fff-mode", choices=("conditional", "dense"), default="conditional",
                    help="conditional: visited FFF neurons only (default); dense: the original masked computation")
     p.add_argument("--allow-special", action="store_true",
@@ -343,7 +345,7 @@ def format_text(results) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prompts, labels = read_prompts(args)
-    model, tokenizer = load(args.model, fff_mode=args.fff_mode)
+    model, tokenizer = load(args.model, fff_mode=args.fff_mode, allow_nonfinite=args.allow_nonfinite)
     encode_prompts(tokenizer, prompts, labels)  # every bad prompt fails before any work
     stats: dict = {}
     t0 = time.perf_counter()

@@ -17,7 +17,6 @@ from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, Safet
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 from ufb_ref.model import sinusoidal_table
-from ufb_ref.tokenizer import Tokenizer
 
 from . import backend as backend_lib
 from . import cpu_kernels
@@ -301,9 +300,11 @@ def column_major(w):
     return mx.contiguous(w.T).T
 
 
-def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str = "auto"):
+def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str = "auto",
+         allow_nonfinite: bool = False):
     """(Model, Tokenizer) from a converted folder, a Hub-layout folder, a Hub repo id or
-    "demo" (the small model shipped in the package).
+    "demo" (the small model shipped in the package). Weights with NaN or Inf are refused,
+    naming the tensor, unless ``allow_nonfinite``.
     ``backend`` picks the conditional FFF's implementation (ufb_mlx.backend: "auto",
     "ops", "cpu", "metal"); an explicit one that is not present here is refused now.
     ``dtype`` (e.g. mx.float16) casts the weights. Default: as stored when the model runs
@@ -312,7 +313,7 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     if fff_mode not in FFF_MODES:
         raise UFBError(f"fff_mode must be one of {FFF_MODES}, got {fff_mode!r}")
     backend_lib.resolve(backend)
-    ckpt = load_checkpoint(model_location(path_or_hub_id))
+    ckpt = load_checkpoint(model_location(path_or_hub_id), allow_nonfinite=allow_nonfinite)
     args = ckpt.args
     model = Model(args, fff_mode, backend)
     # The same rule as the FFF's backend choice: the device of the current stream.
@@ -325,7 +326,7 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     model.load_weights(list(arrays.items()), strict=True)
     model.eval()
     mx.eval(model.parameters())
-    return model, Tokenizer(ckpt.folder, args.max_seq_length)
+    return model, ckpt.tokenizer
 
 
 def save_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:

@@ -40,7 +40,8 @@ _TEMP = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}(?:\.[A
 def describe_os_error(e: OSError) -> str:
     """One line for an OSError: what failed on which path."""
     where = f" '{e.filename}'" if getattr(e, "filename", None) else ""
-    return f"{e.strerror or type(e).__name__}{where}"
+    what = e.strerror or (str(e).splitlines() or [""])[0] or type(e).__name__
+    return f"{what}{where}"
 
 
 def fsync(path: Path) -> None:
