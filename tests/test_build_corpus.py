@@ -301,9 +301,10 @@ def test_cli_help_and_sources(capsys):
     (["--heldout-fraction", "1"], "--heldout-fraction must be in [0, 1)"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(args, message, capsys, tmp_path):
-    with pytest.raises(SystemExit) as e:
-        main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *args])
-    assert e.value.code == 2
+    from ufb_corpus.build import cli
+
+    assert cli(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "w"), *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("error: ")
     assert not (tmp_path / "w").exists()  # nothing fetched

@@ -39,3 +39,32 @@ def test_top_level_convert_is_the_package_converter():
     proc = subprocess.run([sys.executable, "convert.py", "--help"], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--hf-path" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_a_bad_option_is_one_line(name):
+    """argparse's complaint is a UFBError (ufb_ref.errors.ArgumentParser): one "error:"
+    line naming the option, exit status 2, not argparse's usage block."""
+    module = SCRIPTS[name].split(":")[0]
+    proc = subprocess.run([sys.executable, "-m", module, "--no-such-option"], cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    # argparse names the first problem it meets: the unknown option, or a missing one
+    assert ("--no-such-option" in proc.stderr or "required" in proc.stderr) and "--help" in proc.stderr
+
+
+def test_tools_size_the_cpu_buffer_cache():
+    """MLX's CPU allocator caches only 32 MB of freed buffers; the tools keep up to 2 GiB so
+    that large buffers (gradients, logits) are not faulted in afresh every step."""
+    import mlx.core as mx
+
+    from ufb_mlx import backend
+
+    before = mx.set_cache_limit(32 << 20)
+    try:
+        backend.configure_cpu_runtime()
+        expected = 32 << 20 if backend.metal_available() else min(backend.CPU_CACHE_LIMIT, mx.get_memory_limit() // 8)
+        assert mx.set_cache_limit(before) == expected
+    finally:
+        mx.set_cache_limit(before)

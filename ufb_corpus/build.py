@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ufb_ref.errors import UFBError
+from ufb_ref.errors import ArgumentParser, UFBError
 
 from .pipeline import Settings, build_corpus
 from .sources import (DEFAULT_GROUP_CAPS, DEFAULT_MAX_MB_PER_SOURCE, DEFAULT_SOURCE_CAPS, Source,
@@ -56,7 +56,7 @@ def _parse_caps(values: Sequence[str] | None, default: float | None) -> tuple[fl
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m ufb_corpus.build",
         description="Build a reproducible, openly licensed English sentence corpus "
                     "(train/heldout, one sentence per line) from Debian and npm packages.",
@@ -131,11 +131,11 @@ def main(argv: Sequence[str] | None = None, sources: list[Source] | None = None)
     return 0 if stats is not None else 1
 
 
-def cli() -> int:
-    """``main`` as a command: a user or file-system error (UFBError) is one line and exit 2,
-    Ctrl-C exits 130 with one line, never a traceback."""
+def cli(argv: Sequence[str] | None = None) -> int:
+    """``main`` as a command: a user or file-system error (UFBError, bad options included)
+    is one line and exit 2, Ctrl-C exits 130 with one line, never a traceback."""
     try:
-        return main()
+        return main(argv)
     except UFBError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

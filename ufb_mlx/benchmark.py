@@ -54,7 +54,7 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from ufb_ref.config import ModelArgs  # noqa: E402
-from ufb_ref.errors import UFBError  # noqa: E402
+from ufb_ref.errors import ArgumentParser, UFBError  # noqa: E402
 
 from . import backend as backend_lib  # noqa: E402
 from . import fff as fff_lib  # noqa: E402
@@ -385,11 +385,20 @@ def bench_layer(opts, env) -> dict:
     def maybe_compile(f):
         return mx.compile(f) if opts.compile else f
 
+    cotangents: dict[int, mx.array] = {}  # dy per token count, drawn once: MLX's CPU
+    # random normals cost ~70 ns each, which would otherwise be timed inside every arm
+
+    def cotangent(T: int) -> mx.array:
+        if T not in cotangents:
+            cotangents[T] = _normal((T, H), 7)
+            mx.eval(cotangents[T])
+        return cotangents[T]
+
     def with_backward(f):
         """--backward: forward + backward, the gradients of sum(y * dy) w.r.t. every input."""
         if not opts.backward:
             return f
-        return lambda x, a, b, c: mx.vjp(f, [x, a, b, c], [_normal((x.shape[0], H), 7)])[1]
+        return lambda x, a, b, c: mx.vjp(f, [x, a, b, c], [cotangent(x.shape[0])])[1]
 
     def conditional(impl):
         return maybe_compile(with_backward(lambda x, a, b, c: fff_lib.fff_conditional(x, a, b, c, P, D, backend=impl)))
@@ -402,7 +411,7 @@ def bench_layer(opts, env) -> dict:
 
     def numpy_ref(x_np):
         if opts.backward:
-            return fff_descent_vjp(x_np, *np_w, P, D, np.array(_normal((x_np.shape[0], H), 7)))
+            return fff_descent_vjp(x_np, *np_w, P, D, np.array(cotangent(x_np.shape[0])))
         return fff_descent(x_np, *np_w, P, D)
 
     missing = [b for b in ("cpu", "metal") if b not in impls]
@@ -724,7 +733,7 @@ def _int_list(s: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ufb_mlx.benchmark", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m ufb_mlx.benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--reps", type=int, default=None,

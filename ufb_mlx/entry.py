@@ -52,8 +52,12 @@ def _fail(message: str) -> int:
 
 
 def console(main: Callable[[list[str] | None], int | None]) -> Callable[[], None]:
-    """The console-script entry of a tool: runs ``main`` on sys.argv and exits."""
+    """The console-script entry of a tool: sets up MLX's CPU runtime for a process that
+    runs a model (ufb_mlx.backend.configure_cpu_runtime), runs ``main`` on sys.argv, exits."""
     def entry() -> None:
+        from .backend import configure_cpu_runtime
+
+        configure_cpu_runtime()
         sys.exit(errors_to_exit(main))
 
     return entry

@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 from ufb_ref import fsio
 from ufb_ref.checkpoint import CONFIG_FILE, resolve
 from ufb_ref.config import ModelArgs
-from ufb_ref.errors import UFBError
+from ufb_ref.errors import ArgumentParser, UFBError
 from ufb_ref.tokenizer import pad_batch
 
 from . import data, metrics, train
@@ -105,7 +105,7 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
+    p = ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEMO,
                    help="model folder, Hub id or 'demo' (the model shipped in the package; default); "

@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten
 
 from ufb_ref.checkpoint import read_json_object, resolve
 from ufb_ref.config import ModelArgs
-from ufb_ref.errors import UFBError
+from ufb_ref.errors import ArgumentParser, UFBError
 from ufb_ref.tokenizer import Tokenizer
 
 from . import data, train
@@ -73,7 +73,7 @@ def config_from(spec: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ufb_mlx.pretrain", description=__doc__,
+    p = ArgumentParser(prog="python -m ufb_mlx.pretrain", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", nargs="+", required=True, help="text files and/or folders")
     p.add_argument("--out", required=True, help="output folder: the model, checkpoints, log.jsonl")
