@@ -196,3 +196,17 @@ def test_harness_interleaves_arms_and_takes_medians():
     # reps=None: as many rounds as fit the budget (7 s per round here), within [min, max]
     _, reps = benchmark.measure(arms, reps=None, warmup=0, budget_s=30, timer=timer)
     assert reps == 5
+
+
+def test_harness_blocks_time_consecutive_calls_in_three_rounds():
+    calls = []
+    arms = [benchmark.Arm(n, lambda: None) for n in "abc"]
+
+    def timer(arm):
+        calls.append(arm.name)
+        return 1.0
+
+    times, reps = benchmark.measure(arms, reps=6, warmup=0, timer=timer, blocks=True)
+    assert reps == 6 and {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
+    # three rounds of two consecutive calls per arm, the order rotating each round
+    assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb"

@@ -117,11 +117,14 @@ def time_call(arm: Arm) -> float:
 
 def measure(arms: list[Arm], reps: int | None = None, warmup: int = 2, budget_s: float = 10.0,
             min_reps: int = 3, max_reps: int = 50, timer: Callable[[Arm], float] = time_call,
-            ) -> tuple[dict[str, list[float]], int]:
+            blocks: bool = False) -> tuple[dict[str, list[float]], int]:
     """Seconds per call for every arm: ``warmup`` untimed calls per arm, then ``reps`` rounds
     of one timed call per arm, interleaved (the order rotates each round). ``reps=None``
     picks as many rounds as fit in ``budget_s`` (from the last warm-up round), clamped to
-    [min_reps, max_reps]. Returns (times per arm name, reps)."""
+    [min_reps, max_reps]. ``blocks`` (``--schedule blocks``): 3 rounds instead, each timing
+    a third of the calls of an arm consecutively: each arm then runs warm, after itself, as
+    a layer called again and again does, while the rounds still spread drift over the arms.
+    Returns (times per arm name, calls timed per arm)."""
     last = {}
     for arm in arms:
         for _ in range(max(warmup, 1 if reps is None else 0)):
@@ -129,15 +132,18 @@ def measure(arms: list[Arm], reps: int | None = None, warmup: int = 2, budget_s:
     if reps is None:
         round_s = max(sum(last.values()), 1e-6)
         reps = int(min(max_reps, max(min_reps, math.ceil(budget_s / round_s))))
+    block = -(-reps // 3) if blocks else 1
+    rounds = -(-reps // block)
     times: dict[str, list[float]] = {a.name: [] for a in arms}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # no collector pauses inside a timed call
     try:
-        for r in range(reps):
+        for r in range(rounds):
             k = r % len(arms)
             for arm in arms[k:] + arms[:k]:
-                times[arm.name].append(timer(arm))
+                for _ in range(min(block, reps - r * block)):
+                    times[arm.name].append(timer(arm))
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -277,7 +283,8 @@ def render(doc: dict) -> str:
                 bar]
     for g in doc["results"]:
         out.append("")
-        out.append(f"== {g['label']}  (median of {g['reps']} interleaved reps, ms)")
+        schedule = "in 3 blocks" if cfg.get("schedule") == "blocks" else "interleaved"
+        out.append(f"== {g['label']}  (median of {g['reps']} reps, {schedule}, ms)")
         w = max(len(n) for n in g["arms"])
         out.append(f"  {'arm':<{w}}  {'median':>9}  {'min':>9}  {'q1-q3':>19}  {'us/token':>9}  what")
         for name, a in g["arms"].items():
@@ -442,7 +449,8 @@ def bench_layer(opts, env) -> dict:
                 if a.name not in ("masked_dense", f"sgemm2_{width}")]
         _check_same(arms, same, f"tokens={T}", notes)
         log(f"[layer] tokens={T}: timing {len(arms)} arms ({what}) ...")
-        times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget)
+        times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget,
+                              blocks=opts.schedule == "blocks")
         g = group(f"layer {what}, H={H}, {P}x{D} ({width} neurons), tokens={T}", {"tokens": T}, T, arms, times, reps)
         for a in arms:
             if a.name.startswith("fff_"):
@@ -451,6 +459,7 @@ def bench_layer(opts, env) -> dict:
                         g["ratios"].append(ratio(g["arms"], a.name, b.name, b.dense_blas, env["dense_fair"]))
         doc["results"].append(g)
     doc["config"] = {"hidden": H, "trees": P, "depth": D, "tokens": opts.tokens, "reps": opts.reps or "auto",
+                     "schedule": opts.schedule,
                      "backward": opts.backward, "warmup": opts.warmup, "compile": opts.compile, "tiny": opts.tiny,
                      "fff_arms": impls}
     return doc
@@ -751,6 +760,10 @@ def parser() -> argparse.ArgumentParser:
     lay = sub.add_parser("layer", parents=[common], help="one FFF layer against masked-dense, dense and NumPy")
     lay.add_argument("--tokens", type=_int_list, default=None, help="token counts (default 1,128,8192; --tiny 1,16)")
     lay.add_argument("--compile", action="store_true", help="mx.compile every MLX arm")
+    lay.add_argument("--schedule", choices=("interleaved", "blocks"), default="interleaved",
+                     help="interleaved (default): one call of each arm in turn, so each runs after the "
+                          "others (cold caches, as a model's layers run); blocks: consecutive calls of "
+                          "each arm in 3 rounds (warm, as a layer called again and again)")
     lay.add_argument("--backward", action="store_true",
                      help="time forward + backward (all gradients of sum(y * dy)) instead of the forward")
     mod = sub.add_parser("model", parents=[common], help="full model: MLM forward and fill-mask")
