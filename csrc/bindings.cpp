@@ -6,6 +6,7 @@
 
 #include "attention_cpu.h"
 #include "fff_cpu.h"
+#include "norm_cpu.h"
 #include "kernels.h"
 #include "mlx/transforms.h"
 #include "mlx/version.h"
@@ -27,6 +28,8 @@ NB_MODULE(_ext, m) {
         "Conditional FFF forward: [y, rows, z]. See csrc/fff_cpu.h.");
   m.def("attention", &ufb::attention, "qkv"_a, "mask"_a, "heads"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(), "Fused softmax attention: [out, lse]. See csrc/attention_cpu.h.");
+  m.def("layer_norm", &ufb::layer_norm, "x"_a, "weight"_a, "bias"_a, "eps"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "LayerNorm over the last axis, float32: [y, mean, rstd]. See csrc/norm_cpu.h.");
   m.def("gelu", &ufb::gelu, "x"_a, nb::kw_only(), "stream"_a = nb::none(), "Exact-erf GELU (vectorised, CPU).");
   m.def("isa", [] { return std::string(ufb::table().isa); }, "Instruction set of the kernels in use.");
   m.def("isas", [] {

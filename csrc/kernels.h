@@ -82,6 +82,14 @@ struct KernelTable {
   // y = gelu(x) elementwise, n values (float32); and its backward dx = dy * gelu'(x).
   void (*gelu)(const float* x, float* y, int64_t n);
   void (*gelu_vjp)(const float* x, const float* dy, float* dx, int64_t n);
+  // LayerNorm of rows [r0, r1) of x (rows, n), float32: y = (x - mean) * rstd * w + b,
+  // mean and rstd per row kept for the backward.
+  void (*layer_norm)(const float* x, const float* w, const float* b, float eps, int64_t n, int64_t r0,
+                     int64_t r1, float* y, float* mean, float* rstd);
+  // Its backward for rows [r0, r1): dx, and this range's partial sums of dw and db (each
+  // n floats, summed over the rows in order; the caller adds ranges in a fixed order).
+  void (*layer_norm_vjp)(const float* x, const float* w, const float* mean, const float* rstd, const float* dy,
+                         int64_t n, int64_t r0, int64_t r1, float* dx, float* dw_part, float* db_part);
   // Attention of pair (b, h): out and lse (forward), or dqkv (backward, from dout, out,
   // lse), for that head's columns.
   void (*attention_forward)(const AttnArgs&, int64_t b, int64_t h);

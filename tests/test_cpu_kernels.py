@@ -267,3 +267,49 @@ def test_openblas_gets_kernels_for_the_cpu_it_runs_on():
     assert blas.coretype_for({"sse2", "avx"}) is None
     if blas.status.startswith("OpenBLAS") and blas.coretype_for(blas._cpu_flags()):
         assert "Prescott" not in blas.status and "kernels)" in blas.status
+
+
+@given(st.lists(st.integers(1, 5), min_size=0, max_size=2), st.integers(1, 300), st.sampled_from([1e-12, 1e-5]),
+       st.integers(0, 2**31 - 1), settings_cpu)
+def test_layer_norm_matches_reference(lead, n, eps, seed, cfg):
+    isa, threads, _ = cfg
+    ext.set_isa(isa)
+    ext.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    f32 = lambda a: np.asarray(a, np.float32).astype(np.float64)
+    x, dy = f32(rng.normal(size=(*lead, n)) * 3 + 1), f32(rng.normal(size=(*lead, n)))
+    w, b = f32(rng.normal(size=n)), f32(rng.normal(size=n))
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    rstd = 1 / np.sqrt(var + eps)
+    xh = (x - mu) * rstd
+    want = xh * w + b
+    g = dy * w
+    dx = rstd * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True))
+    dw, db = (dy * xh).reshape(-1, n).sum(0), dy.reshape(-1, n).sum(0)
+    X, W, B, DY = (mx.array(a.astype(np.float32)) for a in (x, w, b, dy))
+    y = np.array(ext.layer_norm(X, W, B, eps)[0])
+    # float32 two-pass mean and variance: a few ulp of |x - mean| * rstd * |w| (~10 here).
+    np.testing.assert_allclose(y, want, atol=1e-5 * (1 + np.abs(want).max()), rtol=0)
+    got = mx.grad(lambda *a: (ext.layer_norm(*a, eps)[0] * DY).sum(), argnums=(0, 1, 2))(X, W, B)
+    # dx is rstd times a cancelling sum of terms of size |dy * w|: float32 leaves a few ulp
+    # of those terms, times rstd (large where a row's values nearly agree; MLX's own
+    # layer_norm does the same). Per row: 16 ulp of max |dy w| times rstd, plus 1e-5.
+    tol_dx = 1e-5 * (1 + np.abs(dx).max()) + 16 * 2.0**-24 * rstd * np.abs(g).max(-1, keepdims=True)
+    err = np.abs(np.array(got[0]) - dx)
+    assert (err <= tol_dx).all(), f"dx: max error {err.max():.3g}"
+    for name, gv, wv in zip(("dw", "db"), got[1:], (dw, db)):
+        # float32 sums over up to 25 rows of terms ~10: 1e-5 of the largest
+        np.testing.assert_allclose(np.array(gv), wv, atol=1e-5 * (1 + np.abs(wv).max()), rtol=0, err_msg=name)
+
+
+def test_layer_norm_backward_is_deterministic_across_threads():
+    rng = np.random.default_rng(2)
+    X, DY = (mx.array(rng.normal(size=(700, 96)).astype(np.float32)) for _ in range(2))
+    W, B = (mx.array(rng.normal(size=96).astype(np.float32)) for _ in range(2))
+    runs = []
+    for threads in (1, 2, 3, 4):
+        ext.set_num_threads(threads)
+        got = mx.grad(lambda *a: (ext.layer_norm(*a, 1e-12)[0] * DY).sum(), argnums=(0, 1, 2))(X, W, B)
+        runs.append([np.array(g) for g in got])
+    for other in runs[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(runs[0], other))

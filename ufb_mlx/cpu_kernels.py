@@ -79,3 +79,8 @@ def attention(qkv, key_mask, heads: int, scale: float):
     """softmax(q k^T * scale + key_mask) v per head, float32, from the fused projection's
     (B, S, 3H) output in the checkpoint's per-head [q|k|v] layout; returns (B, S, H)."""
     return ext().attention(qkv, key_mask, heads, scale)[0]
+
+
+def layer_norm(x, weight, bias, eps: float):
+    """LayerNorm over the last axis in float32 (y, as mx.fast.layer_norm with weight and bias)."""
+    return ext().layer_norm(x, weight, bias, eps)[0]

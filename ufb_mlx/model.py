@@ -46,14 +46,29 @@ class ScaledSinusoidal(nn.Module):
         return self.scale_factor * self._pe[:seq_len]
 
 
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (the same parameters), computed by the extension's primitive on the
+    "cpu" backend: MLX's CPU layer_norm costs ~4.6 ns an element, ~7x the primitive's."""
+
+    def __init__(self, args: ModelArgs, backend: str = "auto"):
+        super().__init__(args.hidden_size, eps=args.norm_eps)
+        self.backend = backend
+
+    def __call__(self, x):
+        if backend_lib.resolve(self.backend) == "cpu":
+            with mx.stream(mx.cpu):
+                return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps).astype(x.dtype)
+        return super().__call__(x)
+
+
 class Embedding(nn.Module):
     """LayerNorm(word_embedding[ids] + scale * pe[:S])."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, backend: str = "auto"):
         super().__init__()
         self.word_embedding = nn.Embedding(args.vocab_size, args.hidden_size)
         self.pos_embedding = ScaledSinusoidal(args)
-        self.norm = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.norm = LayerNorm(args, backend)
         self.pad_token_id = args.pad_token_id
 
     def __call__(self, input_ids):
@@ -135,9 +150,9 @@ class FFN(nn.Module):
 class TransformerLayer(nn.Module):
     def __init__(self, args: ModelArgs, fff_mode: str, backend: str = "auto"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.norm1 = LayerNorm(args, backend)
         self.attn = Attention(args, backend)
-        self.norm2 = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.norm2 = LayerNorm(args, backend)
         self.ffn = FFF(args, fff_mode, backend) if args.intermed_type == "fff" else FFN(args, backend)
         self.dropout = nn.Dropout(0.0)
 
@@ -152,9 +167,9 @@ class TransformerLayer(nn.Module):
 class Encoder(nn.Module):
     def __init__(self, args: ModelArgs, fff_mode: str, backend: str = "auto"):
         super().__init__()
-        self.embedding = Embedding(args)
+        self.embedding = Embedding(args, backend)
         self.layers = [TransformerLayer(args, fff_mode, backend) for _ in range(args.num_layers)]
-        self.final_norm = nn.LayerNorm(args.hidden_size, eps=args.norm_eps)
+        self.final_norm = LayerNorm(args, backend)
 
     def __call__(self, input_ids, attention_mask, paths=None):
         """Hidden states (B, S, H). When ``paths`` is a list, each FFF layer's routing
