@@ -53,7 +53,7 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
   enc.dispatch([a, qkv = inputs[0], mask = inputs[1]]() mutable {
-    std::vector<float> s0, s1;
+    std::vector<char> s0, s1;
     a.qkv = row_major_f32(qkv, s0);
     a.mask = row_major_f32(mask, s1);
     run_pairs(a, table().attention_forward);
@@ -98,7 +98,7 @@ void AttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, mx::array
   for (auto& in : inputs) enc.set_input_array(in);
   enc.set_output_array(out);
   enc.dispatch([a, inputs]() mutable {
-    std::vector<float> s[5];
+    std::vector<char> s[5];
     a.qkv = row_major_f32(inputs[0], s[0]);
     a.mask = row_major_f32(inputs[1], s[1]);
     a.out = const_cast<float*>(row_major_f32(inputs[2], s[2]));

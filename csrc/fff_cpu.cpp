@@ -30,53 +30,6 @@ DType to_dtype(const mx::array& a, const char* what) {
 
 int64_t n_nodes(int depth) { return (int64_t(2) << depth) - 1; }
 
-// A 2-D (or 1-D) input as a row-major buffer: the array's own memory when it already is
-// row-contiguous (the normal case), else a copy into `scratch`. Runs inside the task,
-// when the input's values exist.
-struct Strided {
-  const char* data;
-  int64_t rows, cols, rs, cs;  // element strides
-  size_t item;
-};
-
-Strided strided(const mx::array& a) {
-  Strided s;
-  s.data = static_cast<const char*>(a.data<void>());
-  s.item = a.itemsize();
-  if (a.ndim() == 1) {
-    s.rows = 1;
-    s.cols = a.shape(0);
-    s.rs = 0;
-    s.cs = a.strides()[0];
-  } else {
-    s.rows = a.shape(0);
-    s.cols = a.shape(1);
-    s.rs = a.strides()[0];
-    s.cs = a.strides()[1];
-  }
-  return s;
-}
-
-bool is_dense_rows(const Strided& s) { return s.cs == 1 && (s.rows <= 1 || s.rs == s.cols); }
-
-const void* dense_rows(const Strided& s, std::vector<char>& scratch) {
-  if (is_dense_rows(s)) return s.data;
-  scratch.resize(size_t(s.rows * s.cols) * s.item);
-  char* out = scratch.data();
-  parallel_for(s.rows, num_threads(), [&](int64_t r) {
-    for (int64_t c = 0; c < s.cols; ++c) {
-      std::memcpy(out + (r * s.cols + c) * s.item, s.data + (r * s.rs + c * s.cs) * s.item, s.item);
-    }
-  });
-  return out;
-}
-
-// w_out (H, R) viewed as w_out_t (R, H) row-major: free when w_out is column-major.
-const void* transposed_rows(const Strided& w_out, std::vector<char>& scratch) {
-  Strided t{w_out.data, w_out.cols, w_out.rows, w_out.cs, w_out.rs, w_out.item};
-  return dense_rows(t, scratch);
-}
-
 void check_inputs(const mx::array& x, const mx::array& w_in, const mx::array& b_in, const mx::array& w_out,
                   int trees, int depth) {
   if (trees < 1 || depth < 0 || depth > 30) {
@@ -155,12 +108,12 @@ void FFFForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   enc.set_input_array(b_in);
   enc.set_input_array(w_out);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([a, sx = strided(x), sw = strided(w_in), sb = strided(b_in), so = strided(w_out)]() mutable {
+  enc.dispatch([a, sx = view_of(x), sw = view_of(w_in), sb = view_of(b_in), so = view_of(w_out)]() mutable {
     std::vector<char> bx, bw, bb, bo;
-    a.x = dense_rows(sx, bx);
-    a.w_in = dense_rows(sw, bw);
-    a.b_in = dense_rows(sb, bb);
-    a.w_out_t = transposed_rows(so, bo);
+    a.x = row_major(sx, bx);
+    a.w_in = row_major(sw, bw);
+    a.b_in = row_major(sb, bb);
+    a.w_out_t = row_major(transposed(so), bo);  // free when w_out is column-major (load())
     const KernelTable& k = table();
     const int64_t tasks = (a.T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
     parallel_for(tasks, num_threads(), [&](int64_t i) {
@@ -225,13 +178,13 @@ void FFFBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([a, sx = strided(x), sw = strided(w_in), so = strided(w_out), sdy = strided(dy),
+  enc.dispatch([a, sx = view_of(x), sw = view_of(w_in), so = view_of(w_out), sdy = view_of(dy),
                 rows_p = rows.data<int32_t>(), z_p = z.data<float>(), wbytes = d_w_in.itemsize()]() mutable {
     std::vector<char> bx, bw, bo, bdy;
-    a.x = dense_rows(sx, bx);
-    a.w_in = dense_rows(sw, bw);
-    a.w_out_t = transposed_rows(so, bo);
-    a.dy = dense_rows(sdy, bdy);
+    a.x = row_major(sx, bx);
+    a.w_in = row_major(sw, bw);
+    a.w_out_t = row_major(transposed(so), bo);
+    a.dy = row_major(sdy, bdy);
     a.rows = rows_p;  // outputs of FFFForward: always row-contiguous
     a.z = z_p;
     const int64_t T = a.T, H = a.H, L = a.D + 1, V = int64_t(a.P) * L;
@@ -329,7 +282,7 @@ void elementwise(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& 
   for (auto& in : inputs) enc.set_input_array(in);
   enc.set_output_array(out);
   enc.dispatch([inputs, out_p = out.data<float>(), n = int64_t(out.size()), f]() {
-    std::vector<std::vector<float>> scratch(inputs.size());
+    std::vector<std::vector<char>> scratch(inputs.size());
     std::vector<const float*> ptrs;
     for (size_t i = 0; i < inputs.size(); ++i) ptrs.push_back(row_major_f32(inputs[i], scratch[i]));
     const int64_t tasks = (n + ELEMS_PER_TASK - 1) / ELEMS_PER_TASK;

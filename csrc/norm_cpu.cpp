@@ -38,7 +38,7 @@ void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   for (auto& o : outputs) enc.set_output_array(o);
   enc.dispatch([inputs, y = outputs[0].data<float>(), mean = outputs[1].data<float>(),
                 rstd = outputs[2].data<float>(), eps = eps_]() {
-    std::vector<float> s[3];
+    std::vector<char> s[3];
     const float* x = row_major_f32(inputs[0], s[0]);
     const float* w = row_major_f32(inputs[1], s[1]);
     const float* b = row_major_f32(inputs[2], s[2]);
@@ -83,7 +83,7 @@ void LayerNormVjp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   for (auto& o : outputs) enc.set_output_array(o);
   enc.dispatch([inputs, dx = outputs[0].data<float>(), dw = outputs[1].data<float>(),
                 db = outputs[2].data<float>()]() {
-    std::vector<float> s[5];
+    std::vector<char> s[5];
     const float* x = row_major_f32(inputs[0], s[0]);
     const float* w = row_major_f32(inputs[1], s[1]);
     const float* mean = row_major_f32(inputs[2], s[2]);

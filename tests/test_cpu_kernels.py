@@ -313,3 +313,23 @@ def test_layer_norm_backward_is_deterministic_across_threads():
         runs.append([np.array(g) for g in got])
     for other in runs[1:]:
         assert all(np.array_equal(a, b) for a, b in zip(runs[0], other))
+
+
+def test_strided_inputs_are_read_as_their_values():
+    """Inputs that are views (a slice, a transpose, a broadcast) are copied into row-major
+    order inside the primitives (csrc/dense.cpp) and give the bits of a contiguous copy."""
+    rng = np.random.default_rng(4)
+    x, w_in, b_in, w_out, _ = _layer(12, 40, 1, 3)
+    wide = mx.array(rng.normal(size=(12, 80)).astype(np.float32))
+    xs = wide[:, ::2]  # strided columns
+    same = lambda a, b: np.array_equal(np.array(a), np.array(b))
+    assert same(ext.fff_forward(xs, w_in, b_in, w_out, 1, 3)[0],
+                ext.fff_forward(mx.contiguous(xs), w_in, b_in, w_out, 1, 3)[0])
+    qkv = mx.array(rng.normal(size=(5, 2, 3 * 2 * 8)).astype(np.float32)).transpose(1, 0, 2)  # (2, 5, 48) view
+    mask = mx.zeros((2, 5))
+    assert same(ext.attention(qkv, mask, 2, 0.35)[0], ext.attention(mx.contiguous(qkv), mask, 2, 0.35)[0])
+    t = mx.array(rng.normal(size=(30, 7)).astype(np.float32)).T  # (7, 30) view
+    w, b = mx.ones((30,)), mx.zeros((30,))
+    assert same(ext.layer_norm(t, w, b, 1e-5)[0], ext.layer_norm(mx.contiguous(t), w, b, 1e-5)[0])
+    z = mx.broadcast_to(mx.array([0.5]), (1000,))
+    assert same(ext.gelu(z), ext.gelu(mx.full((1000,), 0.5)))
