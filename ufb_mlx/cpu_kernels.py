@@ -5,6 +5,9 @@ The extension must have been built against exactly the mlx that runs it (MLX's C
 nanobind's type registry are not stable across versions): ``available()`` is False, and
 ``unavailable_reason()`` says why in one line, when it is missing or was built for another
 mlx. ``ufb_mlx.backend`` then falls back to MLX operations.
+
+The primitives run on MLX's CPU stream whatever the default device is (the C++ ops take
+the CPU's default stream when given none), so callers need no ``mx.stream`` of their own.
 """
 
 from __future__ import annotations

@@ -56,8 +56,7 @@ class LayerNorm(nn.LayerNorm):
 
     def __call__(self, x):
         if backend_lib.resolve(self.backend) == "cpu":
-            with mx.stream(mx.cpu):
-                return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps).astype(x.dtype)
+            return cpu_kernels.layer_norm(x, self.weight, self.bias, self.eps).astype(x.dtype)
         return super().__call__(x)
 
 
@@ -102,9 +101,7 @@ class Attention(nn.Module):
         qkv = self.self_attention.query_key_value(x)
         scale = self.head_size ** -0.5
         if backend_lib.resolve(self.backend) == "cpu":
-            with mx.stream(mx.cpu):
-                ctx = cpu_kernels.attention(qkv, key_mask, self.num_heads, scale).astype(x.dtype)
-            return self.dense(ctx)
+            return self.dense(cpu_kernels.attention(qkv, key_mask, self.num_heads, scale).astype(x.dtype))
         qkv = qkv.reshape(B, S, self.num_heads, 3, self.head_size).transpose(3, 0, 2, 1, 4)  # (3, B, heads, S, dh)
         ctx = mx.fast.scaled_dot_product_attention(
             qkv[0], qkv[1], qkv[2], scale=scale, mask=key_mask[:, None, None, :])
