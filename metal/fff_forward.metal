@@ -1,7 +1,7 @@
 // fff_forward: fused hard descent of P trees of depth D, G simdgroups per token.
 //
 // Launch: grid (32*G, T, 1), threadgroup (32*G, S, 1) with G and S chosen from H by
-//   ufb_mlx/kernels.py (G = ceil(H / 1024), so each lane holds at most 32 values of a row
+//   ufb_mlx/metal_kernels.py (G = ceil(H / 1024), so each lane holds at most 32 values of a row
 //   in registers; S tokens per threadgroup, at most 256 threads). The 32*G threads along
 //   x split H with stride 32*G, so every load below is coalesced; y of the grid is the
 //   token. Simdgroups are cut from the x-fastest thread index, so each one belongs to

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ufb_mlx
-from ufb_mlx import backend, kernels
+from ufb_mlx import backend, metal_kernels
 from ufb_mlx import fff as mlx_fff
 from ufb_mlx.check import ATOL, fff_forward_tolerance
 from ufb_ref.errors import UFBError
@@ -142,8 +142,8 @@ def test_missing_kernel_sources_are_named(monkeypatch, tmp_path):
     refused in one line that names the missing files, instead of a traceback at the
     first forward or a silent fall-back."""
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(kernels, "METAL_DIR", tmp_path)
-    kernels.missing_sources.cache_clear()
+    monkeypatch.setattr(metal_kernels, "METAL_DIR", tmp_path)
+    metal_kernels.missing_sources.cache_clear()
     try:
         assert backend.resolve("auto", device=CPU) in ("cpu", "ops")
         for call in (lambda: backend.resolve("metal"), lambda: backend.resolve("auto", device=GPU)):
@@ -153,8 +153,8 @@ def test_missing_kernel_sources_are_named(monkeypatch, tmp_path):
             assert "\n" not in msg and "fff_forward.metal" in msg and str(tmp_path) in msg
     finally:
         monkeypatch.undo()
-        kernels.missing_sources.cache_clear()
-    assert kernels.missing_sources() == ()
+        metal_kernels.missing_sources.cache_clear()
+    assert metal_kernels.missing_sources() == ()
 
 
 def test_describe_reports_what_is_present():

@@ -3,7 +3,7 @@ in float64: on the GPU wherever MLX has Metal (a Mac), else through the emulator
 ufb_mlx/metal_emu, which runs the same kernel text on the CPU. The choice is made in one
 place, ``ufb_mlx.metal_emu.metal_kernels()`` (the `metal` fixture enters it).
 
-ufb_mlx.kernels.launch is the one place that calls Metal, so fff_forward / fff_backward
+ufb_mlx.metal_kernels.launch is the one place that calls Metal, so fff_forward / fff_backward
 run end to end (validation, launch configuration, the MLX glue between the backward
 kernels) exactly as on a Mac. The tests of the emulator itself (its text generation,
 faults and simdgroup semantics) need only a C++ compiler, and run on a Mac too.
@@ -36,7 +36,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ufb_mlx import kernels as K
+from ufb_mlx import metal_kernels as K
 from ufb_mlx.metal_emu import harness
 from ufb_mlx.metal_emu import (HarnessError, Kernel, compiled_text, emulated_launch, metal_kernels,
                                metal_runner, run_kernel, unavailable_reason)
@@ -438,7 +438,7 @@ def test_translation_unit_suits_clang(spec):
 
 
 def test_kernel_objects_get_the_metal_files_verbatim(monkeypatch):
-    """ufb_mlx.kernels hands mx.fast.metal_kernel the unmodified files; construction
+    """ufb_mlx.metal_kernels hands mx.fast.metal_kernel the unmodified files; construction
     works off-Mac (only calling needs Metal)."""
     seen = {}
     real = mx.fast.metal_kernel

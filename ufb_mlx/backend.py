@@ -24,14 +24,14 @@ BACKENDS = ("auto", "ops", "cpu", "metal")
 
 def metal_unavailable_reason() -> str | None:
     """Why "metal" cannot run here (one line), or None."""
-    from . import kernels
+    from . import metal_kernels
 
-    if not kernels.available():
+    if not metal_kernels.available():
         return "it needs a Metal GPU, and mx.metal.is_available() is False here"
-    missing = kernels.missing_sources()
+    missing = metal_kernels.missing_sources()
     if missing:
         # A Mac whose installation lost metal/: say so instead of silently running "ops".
-        return (f"the kernel sources {', '.join(missing)} are missing from {kernels.METAL_DIR} "
+        return (f"the kernel sources {', '.join(missing)} are missing from {metal_kernels.METAL_DIR} "
                 "(an incomplete installation: reinstall ultrafastbert-mlx, or pass backend='ops')")
     return None
 

@@ -132,7 +132,7 @@ def _f32(a) -> np.ndarray:
 def random_problems(count: int, seed: int) -> list[Problem]:
     """``count`` configurations: the two fixed ones of the module docstring, then random
     (trees 1-3, depth 0-8, width 1-160, 1-64 tokens)."""
-    from .kernels import ROW_CHUNK
+    from .metal_kernels import ROW_CHUNK
 
     rng = np.random.default_rng(seed)
     shapes = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]

@@ -13,7 +13,7 @@ table, then argmax). Below the top part each token reads only its own rows by ga
 and the backward sums into only those rows (visits sorted by row, one segmented matmul).
 Either way exactly the visited neurons contribute: the result is the masked-dense
 function and gradient. Where Metal is available the same custom_function runs the
-kernels of metal/ instead (see kernels.py).
+kernels of metal/ instead (see metal_kernels.py).
 
 Reading rows of ``w_out`` needs it transposed, (P*n, H) row-major; ``load()`` stores
 ``linear_out.weight`` as a transposed view of such a buffer, so ``mx.contiguous(w_out.T)``
@@ -30,7 +30,7 @@ import numpy as np
 from ufb_ref.fff import n_nodes
 
 from . import backend as backend_lib
-from . import cpu_kernels, kernels
+from . import cpu_kernels, metal_kernels
 
 TOP_LEVELS = 6  # levels computed as one small matmul: 63 rows per tree (measured best here)
 COMPILE_MAX_TOKENS = 256  # up to this many tokens the forward runs as a compiled graph
@@ -241,13 +241,13 @@ def _conditional_metal(trees: int, depth: int):
 
     @mx.custom_function
     def f(x, w_in, b_in, w_out_t):
-        return kernels.fff_forward(x, w_in, b_in, w_out_t, trees, depth)
+        return metal_kernels.fff_forward(x, w_in, b_in, w_out_t, trees, depth)
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         x, w_in, b_in, w_out_t = primals
         _, rows, z = outputs
-        grads = kernels.fff_backward(x, w_in, w_out_t, rows, z, cotangents[0].astype(x.dtype))
+        grads = metal_kernels.fff_backward(x, w_in, w_out_t, rows, z, cotangents[0].astype(x.dtype))
         return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
 
     return f

@@ -70,7 +70,7 @@ _BITS = {
 @dataclass(frozen=True)
 class Kernel:
     """A kernel described the way `mx.fast.metal_kernel` takes it (for test-only kernels;
-    any object with these attributes works, e.g. ufb_mlx.kernels.KernelSpec)."""
+    any object with these attributes works, e.g. ufb_mlx.metal_kernels.KernelSpec)."""
 
     name: str
     input_names: tuple
@@ -327,6 +327,6 @@ def run_kernel(
 
 
 def emulated_launch(spec, inputs, config, **kw) -> list[mx.array]:
-    """A drop-in for ``ufb_mlx.kernels.launch`` that runs the kernel here instead of on
-    Metal: monkeypatch it in (with ``kernels.available`` -> True) to take the Metal path."""
+    """A drop-in for ``ufb_mlx.metal_kernels.launch`` that runs the kernel here instead of on
+    Metal: monkeypatch it in (with ``metal_kernels.available`` -> True) to take the Metal path."""
     return run_kernel(spec, inputs, **config.kwargs(), **kw)

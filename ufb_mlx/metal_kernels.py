@@ -257,7 +257,7 @@ def launch(spec: KernelSpec, inputs: Sequence[mx.array], config: Launch) -> list
         return _launcher(spec, inputs, config)
     if not mx.metal.is_available():
         raise RuntimeError(
-            f"ufb_mlx.kernels: kernel {spec.name!r} needs a Metal GPU, and "
+            f"ufb_mlx.metal_kernels: kernel {spec.name!r} needs a Metal GPU, and "
             "mx.metal.is_available() is False on this machine; use the MLX-ops FFF path "
             "(ufb_mlx.fff) instead"
         )
