@@ -15,15 +15,17 @@ Design (the comment block at the top of each metal/*.metal file has the details)
 Everything is accumulated in float32 and GELU is the exact erf GELU (metal/fff_gelu.h).
 
 Launch configuration from the model width H (``token_layout``): G = ceil(H / 1024)
-simdgroups per token, so that each lane keeps at most MAX_PER_LANE values of a row in
-registers (two such arrays per lane: 64 floats), and as many tokens per threadgroup as
-keep it at THREADGROUP_MAX threads. MLX 0.32 does not expose a pipeline's
-maxTotalThreadsPerThreadgroup to Python (it checks the launch against it during
-evaluation and raises "Thread group size (...) is greater than the maximum allowed
-threads per threadgroup (...)"). The lowest such limits MLX users report for register-heavy
-kernels on Apple GPUs are 384 to 448 threads; 256 threads with at most 64 floats of register
-arrays per thread are chosen to stay below that (not yet run on a Mac: there,
-``python -m ufb_mlx.check`` would show that error).
+simdgroups per token, at most MAX_GROUPS, so that each lane keeps at most MAX_PER_LANE
+values of a row in registers (two such arrays per lane: 64 floats) up to H = 8192, and as
+many tokens per threadgroup as keep it at THREADGROUP_MAX threads. A wider model keeps
+G = MAX_GROUPS (one token, 256 threads per threadgroup) and gives each lane more values
+(64 per array at H = 16384): valid for any width, though the Metal compiler may spill such
+arrays to memory. MLX 0.32 does not expose a pipeline's maxTotalThreadsPerThreadgroup to
+Python (it checks the launch against it during evaluation and raises "Thread group size
+(...) is greater than the maximum allowed threads per threadgroup (...)"). The lowest such
+limits MLX users report for register-heavy kernels on Apple GPUs are 384 to 448 threads;
+no launch here exceeds 256 (not yet run on a Mac: there, ``python -m ufb_mlx.check``
+would show that error).
 
 `launch` is the only function that touches Metal; off a Mac it raises RuntimeError unless
 a launcher is installed (``use_launcher``: ufb_mlx.metal_emu runs the same kernel text on
@@ -57,6 +59,9 @@ MAX_PER_LANE = 32
 # Threads per threadgroup of the per-token kernels (8 tokens up to H = 1024): enough
 # simdgroups to hide memory latency, within every pipeline limit (module docstring).
 THREADGROUP_MAX = 256
+# Simdgroups per token at most: one token fills a threadgroup; wider rows loop over the
+# width with more values per lane instead of more threads.
+MAX_GROUPS = THREADGROUP_MAX // SIMD_WIDTH
 ROWS_THREADGROUP_MAX = 256
 # Visits of a row one threadgroup of fff_backward_rows sums; a row with more is split.
 ROW_CHUNK = 256
@@ -64,8 +69,9 @@ _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def token_layout(hidden: int) -> tuple[int, int]:
-    """(G simdgroups per token, tokens per threadgroup at most) for width ``hidden``."""
-    groups = min(SIMD_WIDTH, -(-hidden // (SIMD_WIDTH * MAX_PER_LANE)))
+    """(G simdgroups per token, tokens per threadgroup at most) for width ``hidden``:
+    32 * G * tokens <= THREADGROUP_MAX threads for every width."""
+    groups = min(MAX_GROUPS, -(-hidden // (SIMD_WIDTH * MAX_PER_LANE)))
     return groups, max(1, THREADGROUP_MAX // (SIMD_WIDTH * groups))
 
 

@@ -33,6 +33,7 @@ CXX = os.environ.get("CXX") or next(
 CXXFLAGS = [
     "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread",
     "-fno-fast-math", "-ffp-contract=off", "-Wno-attributes", "-Wno-unknown-attributes",
+    "-Wno-unknown-pragmas",  # g++ ignores `#pragma clang loop unroll(full)`, clang honours it
 ]
 if sys.platform == "darwin":
     # A kernel library calls the runtime library's sync functions, which are resolved at
@@ -252,6 +253,7 @@ def run_kernel(
     init_value=None,
     *,
     lane_order: str = "forward",
+    ftz: bool = False,
     workers: int | None = None,
 ) -> list[mx.array]:
     """Run `spec` the way `mx.fast.metal_kernel(...)(inputs=..., ...)` would on a Mac.
@@ -259,6 +261,8 @@ def run_kernel(
     inputs: mx.arrays (any modelled dtype, bfloat16 included) or numpy arrays.
     lane_order: "forward" or "reverse", the order in which the scheduler runs lanes
     between sync points; a kernel whose result depends on it has a race.
+    ftz: flush float32 subnormals to zero (results and operands, simd_sum included), as
+    Apple GPUs do; False: IEEE subnormals, as the CPU computes by default.
     Outputs that init_value does not initialise start as 0xFF bytes (NaN / -1), so
     elements a kernel fails to write show up.
     """
@@ -311,7 +315,8 @@ def run_kernel(
 
     ptrs = (ctypes.c_void_p * len(buffers))(*[b.ctypes.data + PAD for b in buffers])
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    cfg = (ctypes.c_int64 * 9)(*grid, *tg, int(lane_order == "reverse"), n_workers, STACK_BYTES)
+    cfg = (ctypes.c_int64 * 10)(*grid, *tg, int(lane_order == "reverse"), n_workers, STACK_BYTES,
+                                int(bool(ftz)))
     err = ctypes.create_string_buffer(4096)
     invoke = ctypes.cast(lib.ufb_emu_invoke, ctypes.c_void_p)
     if runtime().ufb_emu_launch(invoke, ptrs, cfg, err, len(err)) != 0:
