@@ -7,10 +7,10 @@ returns the outputs as MLX arrays. See README.md for what is and is not modelled
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,13 +21,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .. import toolchain
 from .source import ArrayMeta, Generated, HarnessError, check_supported, generate
 
 PRELUDE = Path(__file__).with_name("metal_prelude.hpp")
 RUNTIME = Path(__file__).with_name("runtime.cpp")
-# $CXX, else the first C++ compiler on PATH (on macOS `g++` and `c++` are Apple clang).
-CXX = os.environ.get("CXX") or next(
-    (c for c in ("g++", "c++", "clang++") if shutil.which(c)), "g++")
+CXX = toolchain.default_cxx()
 # IEEE float without contraction, so results do not depend on the build machine's FMA.
 # Metal's [[attributes]] are unknown to a C++ compiler: warnings, silenced.
 CXXFLAGS = [
@@ -174,12 +173,12 @@ def cache_dir() -> Path:
     return d
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
-    """Why kernels cannot be emulated here (no C++ compiler), or None."""
-    if shutil.which(CXX) is None:
-        return (f"the Metal kernel emulator needs a C++20 compiler and {CXX!r} was not found "
-                "(install g++ or clang, or set CXX)")
-    return None
+    """Why kernels cannot be emulated here (no usable C++ compiler: on macOS a stub
+    without the Command Line Tools does not count), or None."""
+    problem = toolchain.cxx_problem(CXX)
+    return f"the Metal kernel emulator needs a C++20 compiler: {problem}" if problem else None
 
 
 def _compile(source: Path, out: Path, what: str) -> None:
