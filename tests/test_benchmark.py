@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ufb_mlx import backend as backend_lib
 from ufb_mlx import benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +159,7 @@ def test_reference_blas_is_marked_not_fair():
     assert "reference BLAS" in env["blas"] and env["dense_fair"] is False
     assert not env["openblas_mapped"]
     assert doc["warnings"] and "NOT FAIR" in p.stderr
+    assert backend_lib.present_line(env["fff_backends"]) in p.stderr  # the header's FFF line
     for r in doc["results"][0]["ratios"]:
         dense = doc["results"][0]["arms"][r["baseline"]]["dense_blas"]
         assert r["fair"] is (not dense)

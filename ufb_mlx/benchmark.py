@@ -265,14 +265,12 @@ def _fmt_ms(v: float) -> str:
 def render(doc: dict) -> str:
     env = doc["env"]
     fb = env["fff_backends"]
-    present = ", ".join(b for b in ("cpu", "metal") if fb[b]) or "none"
     out = [f"UltraFastBERT-MLX benchmark: {doc['benchmark']}   ({env['date']})",
            f"device : {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs, "
            f"load average {env['load_average']})   backend: {env['backend']}",
            f"BLAS   : {env['blas']}; {env['matmul_n']}^3 matmul {env['matmul_gflops']:.1f} GFLOP/s"
            + (f"; mapped: {', '.join(env['openblas_mapped'])}" if env["openblas_mapped"] else ""),
-           f"FFF    : fused implementations present: {present}; 'auto' runs {fb['auto']}"
-           + (f" (cpu: {fb['cpu_reason']})" if fb.get("cpu_reason") else "")]
+           f"FFF    : 'auto' runs {fb['auto']}; {backend_lib.present_line(fb)}"]
     cfg = doc["config"]
     out.append("config : " + ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None))
     if not env["dense_fair"]:

@@ -374,11 +374,16 @@ def check(model: str | None = None, configs: int = 4, seed: int = 0, progress=No
 
 def format_report(doc: dict) -> str:
     m = doc["model"]
-    out = [f"ufb_mlx.check: mlx {doc['mlx']}, default device {doc['device']['default_device']}, "
-           f"auto picks {doc['device']['auto']!r}",
-           f"model {m['path']}: {m['layers']} layers, H={m['hidden']}, FFF {m['fff']}; "
-           f"{m['sequences']} sentences ({m['tokens']} token slots)",
-           f"random FFF configurations (seed {doc['seed']}): {', '.join(doc['configs']) or 'none'}", ""]
+    dev = doc["device"]
+    out = [f"ufb_mlx.check: mlx {doc['mlx']} on {dev['platform']}, default device "
+           f"{dev['default_device']}, auto picks {dev['auto']!r}",
+           backend_lib.present_line(dev)]
+    if dev["platform_problem"]:
+        out.append(f"platform: {dev['platform_problem']}; the Metal kernels run on a Mac's GPU "
+                   "only (here at most through the CPU emulator)")
+    out += [f"model {m['path']}: {m['layers']} layers, H={m['hidden']}, FFF {m['fff']}; "
+            f"{m['sequences']} sentences ({m['tokens']} token slots)",
+            f"random FFF configurations (seed {doc['seed']}): {', '.join(doc['configs']) or 'none'}", ""]
     rows = [("backend", "check", "max error", "tolerance", "result")]
     for b in doc["backends"]:
         if b["error"]:
