@@ -152,16 +152,9 @@ def assert_close(actual, expected, magnitude, name, rounding=0.0):
     )
 
 
-@pytest.fixture(params=[False, True], ids=["ieee", "ftz"])
-def metal(request, monkeypatch):
-    """The kernels run where this machine runs them (metal_kernels()); yields the names of
-    the kernels launched, in order. Off a Mac every test runs twice in the emulator: with
-    IEEE float32 subnormals, and flushed to zero as Apple GPUs compute ("ftz"), so that a
-    test or kernel that relies on subnormals fails here. On a GPU the hardware decides,
-    and the second run would repeat the first."""
-    ftz = request.param
-    if ftz and metal_runner() == "gpu":
-        pytest.skip("on a Metal GPU the hardware's own float32 handling runs (the 'ieee' run)")
+def _recording_launches(monkeypatch, ftz: bool):
+    if metal_runner() == "emulator" and unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
     launched = []
     real = K.launch
 
@@ -172,6 +165,25 @@ def metal(request, monkeypatch):
     monkeypatch.setattr(K, "launch", recorded)
     with metal_kernels(ftz=ftz):
         yield launched
+
+
+@pytest.fixture(params=[False, True], ids=["ieee", "ftz"])
+def metal(request, monkeypatch):
+    """The kernels run where this machine runs them (metal_kernels()); yields the names of
+    the kernels launched, in order. Off a Mac every test runs twice in the emulator: with
+    IEEE float32 subnormals, and flushed to zero as Apple GPUs compute ("ftz"), so that a
+    test or kernel that relies on subnormals fails here. On a GPU the hardware decides,
+    and the second run would repeat the first. Without a GPU or a C++ compiler: skipped,
+    saying why."""
+    if request.param and metal_runner() == "gpu":
+        pytest.skip("on a Metal GPU the hardware's own float32 handling runs (the 'ieee' run)")
+    yield from _recording_launches(monkeypatch, ftz=request.param)
+
+
+@pytest.fixture
+def metal_ieee(monkeypatch):
+    """`metal` with IEEE subnormals only, for a test about indexing rather than arithmetic."""
+    yield from _recording_launches(monkeypatch, ftz=False)
 
 
 def reference_forward(layer: Layer):
@@ -283,6 +295,7 @@ def test_where_the_metal_path_runs(monkeypatch, has_metal):
     from ufb_mlx.metal_emu import runner
 
     monkeypatch.setattr(mx.metal, "is_available", lambda: has_metal)
+    monkeypatch.setattr(runner, "unavailable_reason", lambda: None)  # a compiler, to begin with
     assert metal_runner() == ("gpu" if has_metal else "emulator")
     assert check.runs_on("metal")[1] is (not has_metal)
     assert K._launcher is None
@@ -374,16 +387,17 @@ def test_rows_split_into_chunks_match_reference(case, metal, monkeypatch):
     assert_deterministic(layer)
 
 
-def test_8192_tokens(metal):
+def test_8192_tokens(metal_ieee):
     """A pretraining-sized batch with the default chunk: the root of each tree (8192
     visits) is split into 32 chunks, the levels below into fewer, down to one. The
     width stays small (H=96) because the split depends on visit counts, not on H (the
     width cases above cover H), and the emulator pays per lane and sync point: this
-    case alone is ~1.5M lane-syncs."""
+    case alone is ~1.5M lane-syncs, so it runs once (IEEE), not also with flush-to-zero:
+    the split is integer arithmetic."""
     P, D, H, T = 2, 5, 96, 8192
     layer = Layer(P, D, H, T, mx.float32, seed=8192)
     check_against_reference(layer)
-    assert metal == SPLIT_ROWS
+    assert metal_ieee == SPLIT_ROWS
     rows = mx.array(reference_forward(layer)[1].astype(np.int32))
     _, offsets = K.visits_by_row(rows, P * ref.n_nodes(D))
     chunk_offsets, bound = K.row_chunks(offsets, T, P * (D + 1))
