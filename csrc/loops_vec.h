@@ -109,7 +109,8 @@ template <> struct Elem<DType::f32> {
     vf v;
     memcpy(&v, p, VB);
     return v;
-  }  static inline void store(float* p, vf v) { memcpy(p, &v, VB); }
+  }
+  static inline void store(float* p, vf v) { memcpy(p, &v, VB); }
 };
 template <> struct Elem<DType::f16> {
   typedef uint16_t type;
