@@ -7,7 +7,7 @@
 #include "attention_cpu.h"
 #include "fff_cpu.h"
 #include "norm_cpu.h"
-#include "kernels.h"
+#include "loops.h"
 #include "mlx/stream.h"
 #include "mlx/transforms.h"
 #include "mlx/version.h"

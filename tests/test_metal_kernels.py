@@ -398,8 +398,10 @@ def test_8192_tokens(metal_ieee):
     layer = Layer(P, D, H, T, mx.float32, seed=8192)
     check_against_reference(layer)
     assert metal_ieee == SPLIT_ROWS
+    from ufb_mlx.fff import visits_by_row  # the Metal backward's grouping, shared with fff.py
+
     rows = mx.array(reference_forward(layer)[1].astype(np.int32))
-    _, offsets = K.visits_by_row(rows, P * ref.n_nodes(D))
+    _, offsets = visits_by_row(rows, P * ref.n_nodes(D))
     chunk_offsets, bound = K.row_chunks(offsets, T, P * (D + 1))
     per_row = np.diff(np.array(chunk_offsets))
     roots = np.arange(P) * ref.n_nodes(D)

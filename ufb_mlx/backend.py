@@ -169,9 +169,9 @@ def present_line(d: dict | None = None) -> str:
 
 
 # MLX's CPU allocator keeps at most 32 MB of freed buffers; a larger buffer goes back to
-# the system and returns as fresh pages, each 4 KB page a fault on first touch (~1.6 us on
-# the 2-core Linux VM: the 25 MB of FFF weight gradients of the released layer cost 10 ms
-# a backward pass, the 134 MB of MLM logits at batch 8 about 50 ms).
+# the system and returns as fresh pages, each 4 KB page a fault on first touch (~1.6 us
+# measured on a 2-core Linux Xeon VM, 2026-11: the 25 MB of FFF weight gradients of the
+# released layer cost 10 ms a backward pass, the 134 MB of MLM logits at batch 8 about 50 ms).
 CPU_CACHE_LIMIT = 2 << 30
 
 

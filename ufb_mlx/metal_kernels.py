@@ -45,6 +45,8 @@ import mlx.core as mx
 from ufb_ref.errors import UFBError
 from ufb_ref.fff import n_nodes
 
+from . import fff
+
 # An installed package carries metal/ as ufb_mlx/metal/ (pyproject.toml maps it there); in
 # the source tree and in an editable install it is the repository's top-level metal/.
 _HERE = Path(__file__).resolve().parent
@@ -316,21 +318,6 @@ def fff_forward(x, w_in, b_in, w_out_t, trees: int, depth: int):
     return y, rows, z
 
 
-def visits_by_row(rows: mx.array, n_rows: int) -> tuple[mx.array, mx.array]:
-    """Group the visits by row: `order` (T*P*L,) int32 lists the flat visit indices
-    (token*P + tree)*L + level sorted by (row, token); row r's visits are
-    order[offsets[r]:offsets[r+1]]. MLX ops, so it runs on any device."""
-    flat = rows.reshape(-1).astype(mx.int32)
-    m = flat.size
-    # Unique keys make the order within a row (token order) independent of sort stability.
-    key_dtype = mx.int32 if n_rows * m < 2**31 else mx.int64
-    key = flat.astype(key_dtype) * m + mx.arange(m, dtype=key_dtype)
-    order = mx.argsort(key).astype(mx.int32)
-    counts = mx.zeros((n_rows,), dtype=mx.int32).at[flat].add(1)
-    offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(counts)])
-    return order, offsets
-
-
 def row_chunks(offsets: mx.array, tokens: int, visits: int) -> tuple[mx.array, int]:
     """How fff_backward_rows splits the rows: row r gets max(1, ceil(count_r / ROW_CHUNK))
     chunks, numbered chunk_offsets[r] .. chunk_offsets[r+1] - 1; returns chunk_offsets
@@ -377,7 +364,7 @@ def fff_backward(x, w_in, w_out_t, rows, z, dy):
     dx, dz, act = launch(
         BACKWARD_TOKENS, token_inputs, BACKWARD_TOKENS.configure(token_inputs, trees, depth)
     )
-    order, offsets = visits_by_row(rows, n_rows)
+    order, offsets = fff.visits_by_row(rows, n_rows)
     chunk_offsets, chunks = row_chunks(offsets, tokens, trees * levels)
     row_inputs = [x, dy, act, dz, order, offsets, chunk_offsets]
     grads = launch(BACKWARD_ROWS, row_inputs, BACKWARD_ROWS.configure(row_inputs, trees, depth, chunks))
