@@ -49,7 +49,9 @@ def table(task: Path, sizes: dict, runs: dict, baselines: dict) -> str:
                      f"(chosen on validation) | |")
     acc = runs["pretrained"]["test"]["accuracy"]
     lines += ["", f"One seed per run: a test accuracy near {acc:.3f} on {n} examples has a standard error of "
-                  f"about {math.sqrt(acc * (1 - acc) / n):.3f}."]
+                  f"about {math.sqrt(acc * (1 - acc) / n):.3f}. The model saw only the start of "
+                  f"{runs['pretrained']['test']['truncated']} of the {n} test texts (longer than its sequence); "
+                  "the baselines saw them whole."]
     return "\n".join(lines) + "\n"
 
 

@@ -88,6 +88,21 @@ def test_scores(model_dir: Path, test: list[dict]) -> dict:
     return {**scores(y, pred, model.args.num_labels), "truncated": cut}
 
 
+def model_digest(model: str) -> str:
+    """sha256 of the model's weights: a finished run is reused only for the same model
+    ("demo" names whichever model the package ships)."""
+    import hashlib
+
+    from ufb_mlx.model import model_location
+    from ufb_ref.checkpoint import resolve
+
+    h = hashlib.sha256()
+    with open(resolve(model_location(model)) / "model.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: str, model: str = "demo",
              max_steps: int | None = None) -> dict:
     """One run (skipped when its result exists); returns its result record. ``lr`` or
@@ -96,9 +111,13 @@ def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: 
     task, out = task.resolve(), out.resolve()
     if model != "demo" and Path(model).exists():  # "demo" is the packaged model, not ./demo
         model = str(Path(model).resolve())
+    weights = model_digest(model)
     result = out / "grid_result.json"
     if result.is_file():
-        return json.loads(result.read_text())
+        rec = json.loads(result.read_text())
+        if rec.get("model_sha256", weights) != weights:
+            raise UFBError(f"{out} was fine-tuned from other weights than --model {model}'s: give a new --out")
+        return rec
     cmd = [sys.executable, "-m", "ufb_mlx.finetune", "--model", model, "--train", task / "train.jsonl",
            "--valid", task / "valid.jsonl", "--out", out, "--init", init, "--force", "--quiet"]
     cmd += ["--lr", repr(lr)] if lr is not None else []
@@ -113,7 +132,7 @@ def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: 
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     best = json.loads((out / "train_results.json").read_text())
     start = next(r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "start")
-    rec = {"lr": start["lr"], "epochs": start["epochs"], "init": init, "model": model,
+    rec = {"lr": start["lr"], "epochs": start["epochs"], "init": init, "model": model, "model_sha256": weights,
            "steps": start["total_steps"], "valid_accuracy": best["value"], "best_epoch": best["epoch"],
            "test": test_scores(out, read_jsonl(task / "test.jsonl")), "wall_s": wall,
            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
