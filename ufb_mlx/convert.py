@@ -22,7 +22,7 @@ from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_
 from ufb_ref.errors import ArgumentParser, UFBError
 
 from .entry import console
-from .model import model_location, save_model
+from .loading import model_location, save_model
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

@@ -41,7 +41,9 @@ from ufb_ref.tokenizer import pad_batch
 from . import data, metrics, train
 from .entry import console
 from .evaluate import evaluate_classifier
-from .model import DEMO, FFF_MODES, Model, classification_loss, load, model_location, save_model
+from .loading import DEMO, load, model_location, save_model
+from .losses import classification_loss
+from .model import FFF_MODES, Model
 
 TASKS = ("classification", "regression")
 # The defaults of --lr and --epochs. Everything else (AdamW betas 0.9/0.98, eps 1e-6, weight

@@ -44,7 +44,9 @@ from . import data, train
 from .entry import console
 from .evaluate import evaluate_mlm
 from .progress import Progress
-from .model import FFF_MODES, Model, load, model_location, mlm_loss_at, save_model
+from .loading import load, model_location, save_model
+from .losses import mlm_loss_at
+from .model import FFF_MODES, Model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
