@@ -17,15 +17,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ufb_ref import fsio
-from ufb_ref.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, open_checkpoint,
-                                report_nonfinite)
+from ufb_ref.checkpoint import (CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, CheckpointHeader, SafetensorsFile,
+                                open_checkpoint, report_nonfinite)
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
 
 from . import backend as backend_lib
 from .model import FFF_MODES, Model
 
-__all__ = ["DEMO", "DEMO_MODEL", "count_nonfinite", "load", "model_location", "save_model", "save_safetensors"]
+__all__ = ["DEMO", "DEMO_MODEL", "count_nonfinite", "load", "model_location", "read_weights", "save_model",
+           "save_safetensors"]
 
 # The small pretrained model that ships inside the package (see its README.md), so that
 # the tools work offline.
@@ -56,39 +57,49 @@ def load(path_or_hub_id, fff_mode: str = "conditional", dtype=None, backend: str
     backend_lib.resolve(backend)
     head = open_checkpoint(model_location(path_or_hub_id))
     model = Model(head.args, fff_mode, backend)
-    path = head.weights_file.path
     # The same rule as "auto": the default device.
     on_gpu = mx.default_device().type == mx.DeviceType.gpu
     stored = {"BF16": mx.bfloat16, "F16": mx.float16} if on_gpu else {}
     dtypes = head.dtypes
+    params = read_weights(head, model.sanitize, lambda key: dtype or stored.get(dtypes[key], mx.float32),
+                          allow_nonfinite)
+    model.load_weights(list(params.items()), strict=True)
+    model.eval()
+    return model, head.tokenizer
+
+
+def read_weights(head: CheckpointHeader, sanitize, dtype_of, allow_nonfinite: bool = False) -> dict:
+    """The tensors of a validated checkpoint (``open_checkpoint``) as MLX arrays, read with
+    ``mx.load`` (no NumPy copy): ``sanitize`` maps the raw tensors (lazy, stored dtype) to
+    the ones kept, each is cast to ``dtype_of(key)``; NaN or Inf in a kept tensor is
+    refused, naming it, unless ``allow_nonfinite``."""
+    path = head.weights_file.path
     try:
         raw = mx.load(str(path), format="safetensors")
         if {k: tuple(v.shape) for k, v in raw.items()} != {k: i.shape for k, i in head.weights_file.infos.items()}:
             raise UFBError(f"{path}: changed while it was read (its tensors differ from the header validated)")
         # float64 has no GPU kernels: narrowed on the CPU first.
         raw = {k: v.astype(mx.float32, stream=mx.cpu) if v.dtype == mx.float64 else v for k, v in raw.items()}
-        weights = model.sanitize(raw)
+        weights = sanitize(raw)
         del raw
         mx.clear_cache()  # what the checks read and dropped (the Hub's decoder copy)
         # One tensor at a time, popped, so that what a layout copy or a cast frees goes
         # back to MLX's cache and is reused by the next tensor of its size: the process
         # holds one copy of the weights and about one tensor more. Non-finite values are
         # counted on the stored values, in the same pass.
-        params, nonfinite = {}, {}
+        out, nonfinite = {}, {}
         for key in list(weights):
             value = weights.pop(key)
-            params[key] = value.astype(dtype or stored.get(dtypes[key], mx.float32))
+            out[key] = value.astype(dtype_of(key))
             if not allow_nonfinite:
                 nonfinite[key] = count_nonfinite(value)
-            mx.eval(params[key], nonfinite.get(key, params[key]))
+            mx.eval(out[key], nonfinite.get(key, out[key]))
             del value
         mx.clear_cache()
     except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: the file changed after validation
         raise UFBError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     report_nonfinite(nonfinite, str(path))
-    model.load_weights(list(params.items()), strict=True)
-    model.eval()
-    return model, head.tokenizer
+    return out
 
 
 # Elements per step of count_nonfinite: its temporaries stay a few MB.

@@ -24,7 +24,7 @@ from . import cpu_kernels
 from . import fff as fff_lib
 from .inputs import check_inputs
 
-__all__ = ["FFF_MODES", "ModelArgs", "Model", "column_major"]
+__all__ = ["FFF_MODES", "ModelArgs", "Model", "column_major", "drop_hub_extras"]
 
 FFF_MODES = ("conditional", "dense")
 
@@ -252,12 +252,18 @@ class Model(nn.Module):
         """Checkpoint tensors (as ``mx.load`` returns them, either folder layout) -> this
         model's parameters, in their stored dtype: the Hub's extra tensors (the tied
         decoder's copy, the ``norm_factor`` buffers) checked and dropped as the reference
-        does (ufb_ref.checkpoint.sanitize), and each FFF's ``linear_out.weight`` laid out
+        does (``drop_hub_extras``), and each FFF's ``linear_out.weight`` laid out
         column-major (``column_major``). Lazy: nothing is read but what the checks compare."""
-        weights = checkpoint.sanitize(weights, self.args, array_equal=lambda a, b: mx.array_equal(a, b).item())
+        weights = drop_hub_extras(weights, self.args)
         if self.args.intermed_type == "fff":
             weights = {k: column_major(v) if k.endswith("ffn.linear_out.weight") else v for k, v in weights.items()}
         return weights
+
+
+def drop_hub_extras(weights: dict, args: ModelArgs) -> dict:
+    """``ufb_ref.checkpoint.sanitize`` on MLX arrays: the Hub's tied decoder copy and the
+    ``norm_factor`` buffers checked and dropped, compared by MLX (nothing through NumPy)."""
+    return checkpoint.sanitize(weights, args, array_equal=lambda a, b: mx.array_equal(a, b).item())
 
 
 def column_major(w):
