@@ -365,3 +365,31 @@ def test_load_holds_about_one_copy_of_the_weights(tmp_path):
     before, after = (int(x) * 1024 for x in proc.stdout.split())
     assert size > 40e6
     assert after - before <= 1.25 * size, (after - before) / size
+
+
+def test_finite_screen_overflow_is_not_a_refusal(tmp_path):
+    """load() screens each tensor by a sum (fast) and counts only when the sum is not
+    finite: a float16 column whose sum overflows float16 (899 x 1000 > 65504) holds no
+    NaN or Inf and loads; one Inf in it is refused, counted exactly."""
+    from ufb_mlx.loading import finite_screen
+
+    out = convert(str(MLM), tmp_path / "f16", dtype="float16")
+    key = "encoder.embedding.word_embedding.weight"
+
+    def big_column(t):
+        t[key] = t[key].astype(np.float16)
+        t[key][:, 0] = 1000.0
+
+    edit_weights(out, big_column)
+    weights = mx.load(str(out / "model.safetensors"))
+    assert weights[key].dtype == mx.float16 and not mx.isfinite(finite_screen(weights[key])).item()
+    model, _ = ufb_mlx.load(out)
+    assert float(model.encoder.embedding.word_embedding.weight[5, 0]) == 1000.0
+
+    def one_inf(t):
+        t[key] = t[key].astype(np.float16)
+        t[key][7, 3] = np.inf
+
+    edit_weights(out, one_inf)
+    with pytest.raises(UFBError, match=f"tensor '{key}' holds 1 non-finite value "):
+        ufb_mlx.load(out)

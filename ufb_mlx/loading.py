@@ -25,7 +25,7 @@ from ufb_ref.errors import UFBError
 from . import backend as backend_lib
 from .model import FFF_MODES, Model
 
-__all__ = ["DEMO", "DEMO_MODEL", "count_nonfinite", "load", "model_location", "read_weights", "save_model",
+__all__ = ["DEMO", "DEMO_MODEL", "count_nonfinite", "finite_screen", "load", "model_location", "read_weights", "save_model",
            "save_safetensors"]
 
 # The small pretrained model that ships inside the package (see its README.md), so that
@@ -85,21 +85,30 @@ def read_weights(head: CheckpointHeader, sanitize, dtype_of, allow_nonfinite: bo
         mx.clear_cache()  # what the checks read and dropped (the Hub's decoder copy)
         # One tensor at a time, popped, so that what a layout copy or a cast frees goes
         # back to MLX's cache and is reused by the next tensor of its size: the process
-        # holds one copy of the weights and about one tensor more. Non-finite values are
-        # counted on the stored values, in the same pass.
-        out, nonfinite = {}, {}
+        # holds one copy of the weights and about one tensor more.
+        out = {}
         for key in list(weights):
             value = weights.pop(key)
             out[key] = value.astype(dtype_of(key))
-            if not allow_nonfinite:
-                nonfinite[key] = count_nonfinite(value)
-            mx.eval(out[key], nonfinite.get(key, out[key]))
+            screen = None if allow_nonfinite else finite_screen(value)
+            mx.eval(out[key], *([] if screen is None else [screen]))
+            if screen is not None and not mx.isfinite(screen).item():  # NaN or Inf, or an overflow
+                report_nonfinite({key: count_nonfinite(value)}, str(path))
             del value
         mx.clear_cache()
+    except UFBError:
+        raise
     except (RuntimeError, ValueError, OSError) as e:  # MLX's reader: the file changed after validation
         raise UFBError(f"{path}: cannot read ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    report_nonfinite(nonfinite, str(path))
     return out
+
+
+def finite_screen(value):
+    """A scalar that is finite when every value is (lazy): the sum of the column sums. A
+    NaN or an Inf makes any sum of it non-finite; a finite sum can still overflow, so a
+    non-finite screen is confirmed by ``count_nonfinite``. Float sums are MLX's fast
+    reductions (~0.4 s for the released model, where counting takes ~3 s)."""
+    return (value.sum(0) if value.ndim > 1 else value).astype(mx.float32).sum()
 
 
 # Elements per step of count_nonfinite: its temporaries stay a few MB.
