@@ -278,7 +278,9 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             orders.clear()
             orders[epoch] = data.epoch_order(n, a.seed, epoch)
         rows = orders[epoch][i * global_batch:(i + 1) * global_batch]
-        length = max(len(x_train[r]) for r in rows)
+        # Padded up to a multiple of 16: the compiled step is traced once per shape, and
+        # the padding is masked out of attention (the result is that of the shortest pad).
+        length = min(-(-max(len(x_train[r]) for r in rows) // 16) * 16, max_length)
         local = data.shard(rows, world.rank, world.size)
         weights = np.ones(len(local), dtype=np.float32)
         if not len(local):  # fewer rows than processes in the last batch: a zero-weight row
