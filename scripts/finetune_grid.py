@@ -93,7 +93,7 @@ def model_digest(model: str) -> str:
     ("demo" names whichever model the package ships)."""
     import hashlib
 
-    from ufb_mlx.model import model_location
+    from ufb_mlx.loading import model_location
     from ufb_ref.checkpoint import resolve
 
     h = hashlib.sha256()
