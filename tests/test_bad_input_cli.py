@@ -42,6 +42,7 @@ def test_a_second_run_on_the_same_out_is_refused(train_file, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "log.jsonl").write_text('{"event": "start", "step": 0}\n')
+    (out / fsio.MARKER).write_text(json.dumps({"written_by": "ultrafastbert-mlx", "kind": "run", "files": ["log.jsonl"]}))
     with fsio.folder_lock(out):
         before = tree_state(tmp_path)
         proc = finetune("--model", MLM, "--train", train_file, "--out", out, "--force", "--epochs", "1")
