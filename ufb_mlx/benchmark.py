@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from . import blas  # noqa: F401  (ufb_mlx/__init__ has loaded OpenBLAS before mlx)
@@ -309,6 +310,20 @@ def render(doc: dict) -> str:
     return "\n".join(out)
 
 
+def check_plot_path(path: str) -> None:
+    """A --plot path that matplotlib can write (its suffix names a format it knows) in a
+    folder that exists: checked before the benchmark runs, not after."""
+    from matplotlib.figure import Figure
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if suffix not in formats:
+        raise UFBError(f"--plot '{path}': the suffix must name an image format ({', '.join(sorted(formats))})")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UFBError(f"--plot '{path}': folder '{folder}' does not exist")
+
+
 def plot(doc: dict, path: str) -> None:
     try:
         import matplotlib
@@ -372,10 +387,32 @@ def fff_backends() -> list[str]:
     return out
 
 
+def check_layer_sizes(tokens: list[int], H: int, widest: int, memory: int | None) -> None:
+    """Refuse, before allocating anything, a token count whose arrays cannot exist: MLX's
+    element count per array (int32), or more memory than the machine has (estimated:
+    x, y and dy (T, H) in float32 and float64 for the NumPy arm, the dense arms' (T, width)
+    activations and their gradients)."""
+    for T in tokens:
+        if T * max(H, widest) >= 2**31:
+            raise UFBError(f"--tokens {T}: a ({T}, {max(H, widest)}) array has more than 2^31 - 1 elements")
+        need = T * (4 * 3 * H + 8 * 3 * H + 4 * 4 * widest)
+        if memory and need > memory:
+            raise UFBError(f"--tokens {T} needs about {need / 2**30:.1f} GiB, more than this machine's "
+                           f"{memory / 2**30:.1f} GiB; give fewer tokens")
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def bench_layer(opts, env) -> dict:
     H, P, D = (64, 1, 3) if opts.tiny else (768, 1, 11)
     n = fff_lib.n_nodes(D)
     width, width_ffn = P * n, 4 * H
+    check_layer_sizes(opts.tokens, H, max(width, width_ffn), physical_memory())
     w_in = _normal((width, H), 1, H**-0.5)
     b_in = _normal((width,), 2, 0.1)
     # linear_out.weight (H, P*n) as load() lays it out: the transposed view of a row-major
@@ -792,8 +829,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UFBError(f"--reps must be >= 1, got {opts.reps}")
     if opts.warmup < 0:
         raise UFBError(f"--warmup must be >= 0, got {opts.warmup}")
-    if opts.budget <= 0:
-        raise UFBError(f"--budget must be > 0, got {opts.budget}")
+    if not 0 < opts.budget < math.inf:
+        raise UFBError(f"--budget must be a positive number of seconds, got {opts.budget}")
     if getattr(opts, "seq", None) is not None and opts.seq < 1:
         raise UFBError(f"--seq must be >= 1, got {opts.seq}")
     if opts.command == "layer" and opts.tokens is None:
@@ -807,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UFBError(NO_MATPLOTLIB) from None
+        check_plot_path(opts.plot)
     mx.random.seed(0)
     env = environment()
     log(f"[{opts.command}] {env['backend']} on {env['device']}; BLAS: {env['blas']} "

@@ -129,16 +129,39 @@ def _f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32).astype(np.float64)
 
 
-def random_problems(count: int, seed: int) -> list[Problem]:
-    """``count`` configurations: the two fixed ones of the module docstring, then random
-    (trees 1-3, depth 0-8, width 1-160, 1-64 tokens)."""
+def problem_shapes(count: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """(trees, depth, hidden, tokens) of ``random_problems(count, seed)``, without their arrays."""
+    return _draw_shapes(np.random.default_rng(seed), count)
+
+
+def _draw_shapes(rng, count: int) -> list[tuple[int, int, int, int]]:
     from .kernels import ROW_CHUNK
 
-    rng = np.random.default_rng(seed)
     shapes = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]
     while len(shapes) < count:
         shapes.append((int(rng.integers(1, 4)), int(rng.integers(0, 9)), int(rng.integers(1, 161)),
                        int(rng.integers(1, 65))))
+    return shapes
+
+
+def check_problem_memory(count: int, seed: int) -> None:
+    """The configurations are built up front: refuse a count whose float64 arrays (x, dy,
+    both weights, bias) cannot fit in this machine's memory, before building any."""
+    from .train import physical_memory
+
+    have = physical_memory()
+    need = sum(8 * (2 * t * h + 2 * ref_fff.n_nodes(d) * p * h + ref_fff.n_nodes(d) * p)
+               for p, d, h, t in problem_shapes(count, seed))
+    if have and need > have // 2:
+        raise UFBError(f"--configs {count}: the configurations need about {need / 2**30:.1f} GiB, more than half "
+                       f"of this machine's {have / 2**30:.1f} GiB; check fewer (or several seeds, one at a time)")
+
+
+def random_problems(count: int, seed: int) -> list[Problem]:
+    """``count`` configurations: the two fixed ones of the module docstring, then random
+    (trees 1-3, depth 0-8, width 1-160, 1-64 tokens)."""
+    rng = np.random.default_rng(seed)
+    shapes = _draw_shapes(rng, count)
     problems = []
     for trees, depth, hidden, tokens in shapes:
         n = ref_fff.n_nodes(depth) * trees
@@ -426,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.configs < 0:
         raise UFBError(f"--configs must be 0 or more, got {args.configs}")
+    check_problem_memory(args.configs, args.seed)
     doc = check(args.model, args.configs, args.seed,
                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(doc, indent=2) if args.json else format_report(doc))
