@@ -408,11 +408,15 @@ def physical_memory() -> int | None:
         return None
 
 
+def layer_sizes(tiny: bool) -> tuple[int, int, int]:
+    """(hidden, trees, depth) of the layer benchmark: the released layer, or a tiny one."""
+    return (64, 1, 3) if tiny else (768, 1, 11)
+
+
 def bench_layer(opts, env) -> dict:
-    H, P, D = (64, 1, 3) if opts.tiny else (768, 1, 11)
+    H, P, D = layer_sizes(opts.tiny)
     n = fff_lib.n_nodes(D)
     width, width_ffn = P * n, 4 * H
-    check_layer_sizes(opts.tokens, H, max(width, width_ffn), physical_memory())
     w_in = _normal((width, H), 1, H**-0.5)
     b_in = _normal((width,), 2, 0.1)
     # linear_out.weight (H, P*n) as load() lays it out: the transposed view of a row-major
@@ -845,6 +849,9 @@ def main(argv: list[str] | None = None) -> int:
         except ImportError:
             raise UFBError(NO_MATPLOTLIB) from None
         check_plot_path(opts.plot)
+    if opts.command == "layer":
+        H, P, D = layer_sizes(opts.tiny)
+        check_layer_sizes(opts.tokens, H, max(P * fff_lib.n_nodes(D), 4 * H), physical_memory())
     mx.random.seed(0)
     env = environment()
     log(f"[{opts.command}] {env['backend']} on {env['device']}; BLAS: {env['blas']} "

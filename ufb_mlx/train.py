@@ -530,7 +530,8 @@ def _check_tree(what: str, got: dict, want: dict) -> None:
     for k, w in want.items():
         g = got[k]
         if g.shape != w.shape or g.dtype != w.dtype:
-            raise ValueError(f"{what}: '{k}' is {g.dtype} {tuple(g.shape)}, this run needs {w.dtype} {tuple(w.shape)}")
+            raise ValueError(f"{what}: '{k}' is {str(g.dtype).split('.')[-1]} {tuple(g.shape)}, this run needs "
+                             f"{str(w.dtype).split('.')[-1]} {tuple(w.shape)}")
     floats = [k for k, v in got.items() if mx.issubdtype(v.dtype, mx.floating)]
     finite = mx.stack([mx.all(mx.isfinite(got[k])) for k in floats]) if floats else mx.array([True])
     if not np.array(finite).all():
@@ -554,9 +555,13 @@ def check_out_path(out: str | Path, inputs=()) -> None:
         raise UFBError(f"--out '{text}': cannot resolve the path ({e})") from e
     if fsio._inside(cwd, real):
         raise UFBError(f"--out '{text}' is the current folder or holds it; write the run into a folder of its own")
+    try:  # undecodable bytes (held as surrogates): MLX cannot open such a path to save into
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UFBError(f"--out {text!a} is not valid UTF-8; MLX cannot write model files there") from None
     encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
     try:  # the run prints it (at the end too): fail now rather than after the training
-        text.encode(encoding, "surrogateescape")
+        text.encode(encoding)
     except (UnicodeEncodeError, LookupError):
         raise UFBError(f"--out {text!a} cannot be printed in standard output's encoding ({encoding}); "
                        "set PYTHONIOENCODING=utf-8") from None
