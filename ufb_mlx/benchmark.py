@@ -397,15 +397,8 @@ def check_layer_sizes(tokens: list[int], H: int, widest: int, memory: int | None
             raise UFBError(f"--tokens {T}: a ({T}, {max(H, widest)}) array has more than 2^31 - 1 elements")
         need = T * (4 * 3 * H + 8 * 3 * H + 4 * 4 * widest)
         if memory and need > memory:
-            raise UFBError(f"--tokens {T} needs about {need / 2**30:.1f} GiB, more than this machine's "
-                           f"{memory / 2**30:.1f} GiB; give fewer tokens")
-
-
-def physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
+            raise UFBError(f"--tokens {T} needs about {need / 2**30:.1f} GiB, more than the "
+                           f"{memory / 2**30:.1f} GiB this process may use; give fewer tokens")
 
 
 def layer_sizes(tiny: bool) -> tuple[int, int, int]:
@@ -851,7 +844,9 @@ def main(argv: list[str] | None = None) -> int:
         check_plot_path(opts.plot)
     if opts.command == "layer":
         H, P, D = layer_sizes(opts.tiny)
-        check_layer_sizes(opts.tokens, H, max(P * fff_lib.n_nodes(D), 4 * H), physical_memory())
+        from .train import memory_limit
+
+        check_layer_sizes(opts.tokens, H, max(P * fff_lib.n_nodes(D), 4 * H), memory_limit())
     mx.random.seed(0)
     env = environment()
     log(f"[{opts.command}] {env['backend']} on {env['device']}; BLAS: {env['blas']} "

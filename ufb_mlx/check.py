@@ -147,14 +147,14 @@ def _draw_shapes(rng, count: int) -> list[tuple[int, int, int, int]]:
 def check_problem_memory(count: int, seed: int) -> None:
     """The configurations are built up front: refuse a count whose float64 arrays (x, dy,
     both weights, bias) cannot fit in this machine's memory, before building any."""
-    from .train import physical_memory
+    from .train import memory_limit
 
-    have = physical_memory()
+    have = memory_limit()
     need = sum(8 * (2 * t * h + 2 * ref_fff.n_nodes(d) * p * h + ref_fff.n_nodes(d) * p)
                for p, d, h, t in problem_shapes(count, seed))
     if have and need > have // 2:
         raise UFBError(f"--configs {count}: the configurations need about {need / 2**30:.1f} GiB, more than half "
-                       f"of this machine's {have / 2**30:.1f} GiB; check fewer (or several seeds, one at a time)")
+                       f"of the {have / 2**30:.1f} GiB this process may use; check fewer (or several seeds, one at a time)")
 
 
 def random_problems(count: int, seed: int) -> list[Problem]:

@@ -221,13 +221,17 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     x_valid, cut_valid = encoder(valid_ex) if valid_ex else ([], 0)
     world.check_same("training data", _digest(x_train, y_train))
     source = {"finetuned_from": str(a.model), "task": a.task, "train": str(a.train)}
-    classifier_args(base, tok.path.parent, 1 if regression else len(labels), regression, id2label, a.head_dim, source)
+    cls_args = classifier_args(base, tok.path.parent, 1 if regression else len(labels), regression, id2label,
+                               a.head_dim, source)[0]
     if regression and valid_ex and a.metric in ("pearson", "spearman"):
         _check_correlation_labels(y_valid, a.valid, a.metric)
     n = len(x_train)
     steps_per_epoch = math.ceil(n / (a.batch_size * world.size))
     total = steps_per_epoch * a.epochs if a.max_steps is None else a.max_steps
     train.make_schedule(a.schedule, a.lr, total, a.warmup)  # validates
+    rows = min(a.batch_size * world.size, n)
+    train.check_batch_memory(cls_args, rows * max((len(x) for x in x_train), default=1), rows,
+                             f"--batch-size {a.batch_size}")
     held.enter_context(train.lock_out(out, world))
     resume_from = train.prepare_out(out, world, a.resume, a.force, inputs)
 

@@ -226,6 +226,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
     train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)  # validates
+    tokens = a.batch_size * world.size * seq
+    train.check_batch_memory(args, tokens, int(math.ceil(a.mask_rate * tokens)), f"--batch-size {a.batch_size}")
     held.enter_context(train.lock_out(out, world))
     train.prepare_out(out, world, a.resume, a.force, inputs)
     if hf is not None and world.main:

@@ -629,6 +629,34 @@ def check_training_memory(args: ModelArgs) -> None:
                        "make it smaller (fff_depth, hidden_size, num_layers, vocab_size)")
 
 
+def memory_limit() -> int | None:
+    """The bytes this process may use: the machine's memory, or less under ``ulimit -v``."""
+    have = physical_memory()
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            have = min(have or soft, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return have
+
+
+def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str) -> None:
+    """Refuse, before anything is written, a step whose activations alone cannot fit: a
+    lower bound (per token and layer the eight (H,) vectors the backward keeps, the
+    embedding; ``predicted`` positions' logits and their gradient over the vocabulary, or
+    the classifier head's) against ``memory_limit()``. MLX may crash instead of raising
+    when an allocation fails, so this is checked up front."""
+    per_token = 4 * (8 * args.hidden_size * max(args.num_layers, 1) + 2 * args.hidden_size)
+    need = tokens * per_token + 2 * 4 * predicted * max(args.vocab_size if args.task == "mlm" else args.num_labels, 1)
+    have = memory_limit()
+    if have and need > have:
+        raise UFBError(f"{what}: one step of {tokens} tokens needs at least {need / 2**30:.1f} GiB of activations, "
+                       f"more than the {have / 2**30:.1f} GiB this process may use; lower --batch-size")
+
+
 def prepare_out(out: Path, world: World, resume: bool, force: bool, inputs=()) -> tuple[int, Path] | None:
     """``check_out``, then for a new run create the folder and mark it as a run's
     (``fsio.MARKER``); ``force`` first removes what the marker lists (checkpoints, log,
