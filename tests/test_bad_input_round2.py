@@ -525,6 +525,15 @@ def test_benchmark_refuses_token_counts_that_cannot_fit(tokens, needle):
     assert_one_line_error(run_cli(["-m", "ufb_mlx.benchmark", "layer", "--tiny", "--tokens", tokens]), needle)
 
 
+@pytest.mark.parametrize("bench", ["model", "train"])
+def test_benchmark_refuses_batches_that_cannot_fit(bench):
+    """Found by the fresh hostile pass: `train --tiny --batch 1000000` died of SIGSEGV."""
+    proc = run_cli(["-m", "ufb_mlx.benchmark", bench, "--tiny", "--batch", "1000000", "--hf-python", "none"][
+        : None if bench == "model" else -2])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --batch 1000000 --seq 16: one step"), proc.stderr
+
+
 def test_check_refuses_configurations_that_cannot_fit():
     """C5: --configs 100000 grew ~300 MB/s until the OOM killer ended it at 24 GB; now
     the estimate (the shapes only, a few seconds; about 31 GiB) refuses it against the
@@ -533,7 +542,8 @@ def test_check_refuses_configurations_that_cannot_fit():
 
     assert check.problem_shapes(6, 3) == [(p.trees, p.depth, p.x.shape[1], p.x.shape[0])
                                           for p in check.random_problems(6, 3)]
-    assert_one_line_error(run_cli(["-m", "ufb_mlx.check", "--configs", "100000"]), "--configs 100000", "GiB")
+    for count in ("100000", str(10**12)):  # (10**12: the estimate stops early)
+        assert_one_line_error(run_cli(["-m", "ufb_mlx.check", "--configs", count]), f"--configs {count}", "GiB")
 
 
 # ---------------------------------------------------------------------------- tracebacks -> one line

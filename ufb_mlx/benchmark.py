@@ -583,6 +583,11 @@ def _check_seq(opts, args: ModelArgs) -> int:
     S = opts.seq or (16 if opts.tiny else DEFAULT_SEQ)
     if S > args.max_seq_length:
         raise UFBError(f"--seq {S} exceeds the model's max_seq_length {args.max_seq_length}")
+    from .train import check_batch_memory
+
+    for B in opts.batch:  # before any array is made: MLX may crash on a failed allocation
+        check_batch_memory(args, B * S, B * S if args.task == "mlm" else B, f"--batch {B} --seq {S}",
+                           "lower --batch or --seq")
     return S
 
 

@@ -135,13 +135,16 @@ def problem_shapes(count: int, seed: int) -> list[tuple[int, int, int, int]]:
 
 
 def _draw_shapes(rng, count: int) -> list[tuple[int, int, int, int]]:
+    return list(_iter_shapes(rng, count))
+
+
+def _iter_shapes(rng, count: int):
     from .kernels import ROW_CHUNK
 
-    shapes = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]
-    while len(shapes) < count:
-        shapes.append((int(rng.integers(1, 4)), int(rng.integers(0, 9)), int(rng.integers(1, 161)),
-                       int(rng.integers(1, 65))))
-    return shapes
+    fixed = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]
+    yield from fixed
+    for _ in range(count - len(fixed)):
+        yield (int(rng.integers(1, 4)), int(rng.integers(0, 9)), int(rng.integers(1, 161)), int(rng.integers(1, 65)))
 
 
 def check_problem_memory(count: int, seed: int) -> None:
@@ -150,11 +153,15 @@ def check_problem_memory(count: int, seed: int) -> None:
     from .train import memory_limit
 
     have = memory_limit()
-    need = sum(8 * (2 * t * h + 2 * ref_fff.n_nodes(d) * p * h + ref_fff.n_nodes(d) * p)
-               for p, d, h, t in problem_shapes(count, seed))
-    if have and need > have // 2:
-        raise UFBError(f"--configs {count}: the configurations need about {need / 2**30:.1f} GiB, more than half "
-                       f"of the {have / 2**30:.1f} GiB this process may use; check fewer (or several seeds, one at a time)")
+    if not have:
+        return
+    need = 0
+    for i, (p, d, h, t) in enumerate(_iter_shapes(np.random.default_rng(seed), count), 1):  # stops when too much
+        need += 8 * (2 * t * h + 2 * ref_fff.n_nodes(d) * p * h + ref_fff.n_nodes(d) * p)
+        if need > have // 2:
+            raise UFBError(f"--configs {count}: the first {i} configurations alone need {need / 2**30:.1f} GiB, more "
+                           f"than half of the {have / 2**30:.1f} GiB this process may use; check fewer (or several "
+                           "seeds, one at a time)")
 
 
 def random_problems(count: int, seed: int) -> list[Problem]:

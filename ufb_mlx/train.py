@@ -643,7 +643,8 @@ def memory_limit() -> int | None:
     return have
 
 
-def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str) -> None:
+def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str,
+                       hint: str = "lower --batch-size") -> None:
     """Refuse, before anything is written, a step whose activations alone cannot fit: a
     lower bound (per token and layer the eight (H,) vectors the backward keeps, the
     embedding; ``predicted`` positions' logits and their gradient over the vocabulary, or
@@ -654,7 +655,7 @@ def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str) 
     have = memory_limit()
     if have and need > have:
         raise UFBError(f"{what}: one step of {tokens} tokens needs at least {need / 2**30:.1f} GiB of activations, "
-                       f"more than the {have / 2**30:.1f} GiB this process may use; lower --batch-size")
+                       f"more than the {have / 2**30:.1f} GiB this process may use; {hint}")
 
 
 def prepare_out(out: Path, world: World, resume: bool, force: bool, inputs=()) -> tuple[int, Path] | None:
