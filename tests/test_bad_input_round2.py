@@ -110,7 +110,8 @@ def test_finetune_force_with_a_bad_option_keeps_the_previous_run(ft_run, data_di
     (["--valid-fraction", "0.999"], "leaves no training block"),
     # (run_cli's 1.5 GiB address-space limit: MLX crashed with SIGSEGV on the failed allocation)
     (["--batch-size", "100000"], "--batch-size 100000: one step of 1600000 tokens needs at least"),
-], ids=["seed2^70", "warmup2", "valid-fraction", "batch-size"])
+    (["--vocab-size", "0"], "--vocab-size must be more than the 7 special tokens"),  # (hostile pass: 0 meant the default)
+], ids=["seed2^70", "warmup2", "valid-fraction", "batch-size", "vocab-size0"])
 def test_pretrain_force_with_a_bad_option_keeps_the_previous_run(pt_run, data_dir, tmp_path, extra, needle):
     out = _copy(pt_run, tmp_path)
     before = tree_state(tmp_path)
@@ -406,6 +407,15 @@ def test_resume_with_a_best_result_without_metrics_is_one_line(ft_run, data_dir,
     assert_one_line_error(_resume(out, data_dir), "best result is malformed")
 
 
+def test_resume_from_a_step_beyond_the_run_is_one_line(ft_run, data_dir, tmp_path):
+    """Found by the hostile pass: an edited step 10**20 said "nothing to do: the run
+    already finished", exit 0."""
+    out = _resumable(ft_run, tmp_path)
+    state = out / "checkpoints" / "step-00000002" / "trainer_state.json"
+    state.write_text(json.dumps(dict(json.loads(state.read_text()), step=10**20)))
+    assert_one_line_error(_resume(out, data_dir), "claims step 100000000000000000000, beyond the run's 4 steps")
+
+
 def test_resume_over_malformed_log_records(ft_run, data_dir, tmp_path):
     """Records whose step is not a whole number (before: a TypeError traceback) are dropped
     with the others after the checkpoint."""
@@ -523,6 +533,11 @@ def test_zero_width_rows_give_empty_results():
 def test_benchmark_refuses_token_counts_that_cannot_fit(tokens, needle):
     """C4: SIGSEGV (np.array of an array MLX failed to allocate)."""
     assert_one_line_error(run_cli(["-m", "ufb_mlx.benchmark", "layer", "--tiny", "--tokens", tokens]), needle)
+
+
+def test_check_negative_seed_is_one_line():
+    """Found by the hostile pass: a ValueError traceback from NumPy's generator."""
+    assert_one_line_error(run_cli(["-m", "ufb_mlx.check", "--seed", "-1", "--configs", "0"]), "--seed must be 0 or more")
 
 
 @pytest.mark.parametrize("bench", ["model", "train"])

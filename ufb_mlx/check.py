@@ -456,6 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.configs < 0:
         raise UFBError(f"--configs must be 0 or more, got {args.configs}")
+    if args.seed < 0:
+        raise UFBError(f"--seed must be 0 or more, got {args.seed}")
     check_problem_memory(args.configs, args.seed)
     doc = check(args.model, args.configs, args.seed,
                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten
 from ufb_ref.checkpoint import read_json_object, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import ArgumentParser, UFBError
-from ufb_ref.tokenizer import Tokenizer
+from ufb_ref.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 from . import data, train
 from .entry import console
@@ -116,6 +116,8 @@ def _check_args(a) -> None:
         raise UFBError("--model brings its own tokenizer; --tokenizer and --vocab-size go with --config")
     if not 0 < a.mask_rate < 1:
         raise UFBError(f"--mask-rate must be in (0, 1), got {a.mask_rate}")
+    if a.vocab_size is not None and a.vocab_size <= len(SPECIAL_TOKENS):  # (0 would mean the config's)
+        raise UFBError(f"--vocab-size must be more than the {len(SPECIAL_TOKENS)} special tokens, got {a.vocab_size}")
     if a.seq_length is not None and a.seq_length < 8:
         raise UFBError(f"--seq-length must be at least 8, got {a.seq_length}")
 

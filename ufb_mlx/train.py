@@ -714,6 +714,8 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
               f"({errors[0]}); resuming from the older {path.name}", file=sys.stderr, flush=True)
     checkpoint = path
     check_resume(state.get("run", {}), run_cfg)
+    if state["step"] > total:  # the run's length is part of its options: only an edited file gets here
+        raise UFBError(f"--resume: {path} claims step {state['step']}, beyond the run's {total} steps")
     logger.truncate_after(state["step"])
     logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")
     return state
