@@ -98,7 +98,7 @@ def test_nonfinite_loss_stops_training_and_keeps_the_last_checkpoint(train_file,
     out = tmp_path / "out"
     proc = finetune("--model", MLM, "--train", train_file, "--out", out, "--lr", "1e30", "--epochs", "2",
                     "--batch-size", "8", "--save-every", "1")
-    assert_one_line_error(proc, "step 2: the loss is nan", "stopped before the update",
+    assert_one_line_error(proc, "step 2: the loss is nan", "nothing of this step is saved",
                           "the last checkpoint (step 1) is kept")  # (no model: no --valid, no epoch end)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step-00000001"]

@@ -312,18 +312,9 @@ def test_an_update_that_makes_the_weights_nonfinite_saves_nothing(data_dir, tmp_
     out = tmp_path / "out"
     proc = finetune("--model", MLM, "--train", data_dir / "train.jsonl", "--out", out, "--lr", "3e38", "--warmup", "0",
                     "--max-steps", "1", "--save-every", "1")
-    assert_one_line_error(proc, "step 1: the update made parameter", "no checkpoint or model had been written yet")
+    assert_one_line_error(proc, "step 1: the loss is", "but a gradient or an updated weight is NaN or infinite",
+                          "no checkpoint or model had been written yet")
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
-
-
-def test_check_weights_finite_names_the_parameter():
-    import mlx.nn as nn
-
-    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
-    train.check_weights_finite(model, 3)
-    model.layers[1].bias = mx.array([0.0, math.inf])
-    with pytest.raises(train.NonFiniteWeights, match="step 3: .*'layers.1.bias'"):
-        train.check_weights_finite(model, 3)
 
 
 # ---------------------------------------------------------------------------- S3: resumed state is checked
