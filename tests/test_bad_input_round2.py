@@ -323,8 +323,7 @@ def test_an_update_that_makes_the_weights_nonfinite_saves_nothing(data_dir, tmp_
 @pytest.fixture(scope="module")
 def restorable(ft_run):
     """(checkpoint, a fresh model and optimizer of the run) for in-process restores."""
-    import ufb_mlx.finetune as ft
-    from ufb_mlx.model import load
+    from ufb_mlx import load
 
     model, _ = load(ft_run)
     opt = train.make_optimizer(train.make_schedule("cosine", 1e-4, 4, 0.1))
