@@ -1,5 +1,7 @@
 #include "attention_cpu.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 
@@ -10,15 +12,32 @@
 
 namespace ufb {
 
-std::vector<mx::array> attention(const mx::array& qkv, const mx::array& mask, int heads, float scale,
-                                 mx::StreamOrDevice s) {
-  if (qkv.ndim() != 3 || heads < 1 || qkv.shape(2) % (3 * heads) != 0) {
-    throw std::invalid_argument("[ufb.attention] qkv must be (batch, seq, 3 * heads * head_size)");
+namespace {
+
+// The checks of the op and of output_shapes, which MLX calls again when a shapeless
+// compiled function meets new shapes; every product of sizes in 64 bits.
+void check_attention(const mx::array& qkv, const mx::array& mask, int heads) {
+  if (qkv.ndim() != 3 || mask.ndim() != 2) {
+    throw std::invalid_argument("[ufb.attention] qkv must be (batch, seq, 3 * heads * head_size) and mask (batch, seq)");
   }
-  const int B = qkv.shape(0), S = qkv.shape(1);
-  if (mask.ndim() != 2 || mask.shape(0) != B || mask.shape(1) != S) {
+  const int64_t width = qkv.shape(2);
+  // At least one column per head (one head when there are no columns): a huge head count
+  // would otherwise allocate and loop over (batch, heads, seq) for an empty result.
+  if (heads < 1 || int64_t(heads) > std::max<int64_t>(1, width / 3) || width % (int64_t(3) * heads) != 0) {
+    throw std::invalid_argument("[ufb.attention] qkv must be (batch, seq, 3 * heads * head_size) with heads >= 1 "
+                                "and head_size >= 1");
+  }
+  if (mask.shape(0) != qkv.shape(0) || mask.shape(1) != qkv.shape(1)) {
     throw std::invalid_argument("[ufb.attention] mask must be (batch, seq)");
   }
+}
+
+}  // namespace
+
+std::vector<mx::array> attention(const mx::array& qkv, const mx::array& mask, int heads, float scale,
+                                 mx::StreamOrDevice s) {
+  check_attention(qkv, mask, heads);
+  const int B = qkv.shape(0), S = qkv.shape(1);
   auto stream = mx::to_stream(s, mx::Device::cpu);
   const int H = qkv.shape(2) / 3;
   return mx::array::make_arrays({{B, S, H}, {B, heads, S}}, {mx::float32, mx::float32},
@@ -69,6 +88,7 @@ void Attention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
 
 std::vector<mx::Shape> Attention::output_shapes(const std::vector<mx::array>& inputs) {
   const auto& q = inputs[0];
+  check_attention(q, inputs[1], heads_);
   return {{q.shape(0), q.shape(1), q.shape(2) / 3}, {q.shape(0), heads_, q.shape(1)}};
 }
 
@@ -110,6 +130,21 @@ void AttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, mx::array
 
 void AttentionBackward::eval_gpu(const std::vector<mx::array>&, mx::array&) {
   throw std::runtime_error("[ufb] attention runs on the CPU only");
+}
+
+std::vector<mx::Shape> AttentionBackward::output_shapes(const std::vector<mx::array>& inputs) {
+  check_attention(inputs[0], inputs[1], heads_);
+  for (int i : {2, 4}) {
+    if (inputs[i].ndim() != 3 || inputs[i].shape(0) != inputs[0].shape(0) || inputs[i].shape(1) != inputs[0].shape(1) ||
+        int64_t(inputs[i].shape(2)) * 3 != inputs[0].shape(2)) {
+      throw std::invalid_argument("[ufb.attention] the output and its cotangent must be (batch, seq, heads * head_size)");
+    }
+  }
+  const auto& lse = inputs[3];
+  if (lse.ndim() != 3 || lse.shape(0) != inputs[0].shape(0) || lse.shape(1) != heads_ || lse.shape(2) != inputs[0].shape(1)) {
+    throw std::invalid_argument("[ufb.attention] the softmax statistics must be (batch, heads, seq)");
+  }
+  return {inputs[0].shape()};
 }
 
 bool AttentionBackward::is_equivalent(const mx::Primitive& other) const {

@@ -73,6 +73,23 @@ void check_inputs(const mx::array& x, const mx::array& w_in, const mx::array& b_
   if (R * H >= (int64_t(1) << 62)) throw std::invalid_argument("[ufb.fff_forward] weights too large");
 }
 
+// FFFBackward's inputs (x, w_in, w_out, rows, z, dy): the forward's, and its outputs.
+void check_backward(const std::vector<mx::array>& in, int trees, int depth) {
+  const auto &x = in[0], &w_in = in[1], &w_out = in[2], &rows = in[3], &z = in[4], &dy = in[5];
+  if (trees < 1 || depth < 0 || depth > 30 || x.ndim() != 2 || w_in.ndim() != 2 || w_out.ndim() != 2) {
+    throw std::invalid_argument("[ufb.fff_backward] need x (tokens, hidden) and 2-D weights");
+  }
+  const int64_t T = x.shape(0), H = x.shape(1), R = trees * n_nodes(depth);
+  if (w_in.shape(0) != R || w_in.shape(1) != H || w_out.shape(0) != H || w_out.shape(1) != R) {
+    throw std::invalid_argument("[ufb.fff_backward] the weights do not fit x, trees and depth");
+  }
+  const mx::Shape visits{int(T), trees, depth + 1};
+  if (rows.shape() != visits || z.shape() != visits || rows.dtype() != mx::int32 || z.dtype() != mx::float32) {
+    throw std::invalid_argument("[ufb.fff_backward] rows and z must be the forward's (tokens, trees, depth + 1)");
+  }
+  if (dy.shape() != x.shape()) throw std::invalid_argument("[ufb.fff_backward] dy must have x's shape");
+}
+
 // Tokens per parallel task: one forward block (loops_fff.h), and enough work to
 // amortise waking a thread.
 constexpr int64_t TOKENS_PER_TASK = 64;
@@ -153,6 +170,8 @@ void FFFForward::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&
 }
 
 std::vector<mx::Shape> FFFForward::output_shapes(const std::vector<mx::array>& inputs) {
+  // MLX calls this again when a shapeless compiled function meets new input shapes.
+  check_inputs(inputs[0], inputs[1], inputs[2], inputs[3], trees_, depth_);
   const int T = inputs[0].shape(0), L = depth_ + 1;
   return {inputs[0].shape(), {T, trees_, L}, {T, trees_, L}};
 }
@@ -284,6 +303,7 @@ void FFFBackward::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>
 }
 
 std::vector<mx::Shape> FFFBackward::output_shapes(const std::vector<mx::array>& inputs) {
+  check_backward(inputs, trees_, depth_);
   const auto &x = inputs[0], &w_in = inputs[1], &w_out = inputs[2];
   return {x.shape(), w_in.shape(), {w_in.shape(0)}, w_out.shape()};
 }

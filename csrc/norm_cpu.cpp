@@ -1,6 +1,9 @@
 #include "norm_cpu.h"
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 
@@ -16,14 +19,26 @@ namespace {
 // for any number of threads.
 constexpr int64_t ROWS_PER_TASK = 32;
 
-int64_t rows_of(const mx::array& x) { return x.ndim() == 0 ? 1 : int64_t(x.size()) / x.shape(-1); }
+// The product of the leading axes (not size / n, which divides by zero on zero-width rows).
+int64_t rows_of(const mx::array& x) {
+  int64_t rows = 1;
+  for (int i = 0; i + 1 < x.ndim(); ++i) rows *= x.shape(i);
+  return rows;
+}
+
+// The checks of the op and of output_shapes, which MLX calls again when a shapeless
+// compiled function meets new shapes.
+void check_norm(const mx::array& x, const mx::array& w, const mx::array& b) {
+  if (x.ndim() < 1 || w.ndim() != 1 || b.ndim() != 1 || w.shape(0) != x.shape(-1) || b.shape(0) != x.shape(-1)) {
+    throw std::invalid_argument("[ufb.layer_norm] need x (..., n), weight (n,) and bias (n,)");
+  }
+  if (rows_of(x) > INT32_MAX) throw std::invalid_argument("[ufb.layer_norm] more than 2^31 - 1 rows");
+}
 }  // namespace
 
 std::vector<mx::array> layer_norm(const mx::array& x, const mx::array& w, const mx::array& b, float eps,
                                   mx::StreamOrDevice s) {
-  if (x.ndim() < 1 || w.ndim() != 1 || b.ndim() != 1 || w.shape(0) != x.shape(-1) || b.shape(0) != x.shape(-1)) {
-    throw std::invalid_argument("[ufb.layer_norm] need x (..., n), weight (n,) and bias (n,)");
-  }
+  check_norm(x, w, b);
   auto stream = mx::to_stream(s, mx::Device::cpu);
   const int rows = int(rows_of(x));
   return mx::array::make_arrays(
@@ -41,6 +56,11 @@ void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
                 b = row_major_data<float>(inputs[2], "bias"), n = int64_t(inputs[0].shape(-1)),
                 rows = rows_of(inputs[0]), y = outputs[0].data<float>(), mean = outputs[1].data<float>(),
                 rstd = outputs[2].data<float>(), eps = eps_]() {
+    if (n == 0) {  // zero-width rows: y is empty, and the statistics of no values are NaN
+      std::fill(mean, mean + rows, NAN);
+      std::fill(rstd, rstd + rows, NAN);
+      return;
+    }
     const LoopTable& loops = table();
     parallel_for((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK, num_threads(), [&](int64_t t, int) {
       loops.layer_norm(x, w, b, eps, n, t * ROWS_PER_TASK, std::min(rows, (t + 1) * ROWS_PER_TASK), y, mean, rstd);
@@ -53,6 +73,7 @@ void LayerNorm::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&)
 }
 
 std::vector<mx::Shape> LayerNorm::output_shapes(const std::vector<mx::array>& inputs) {
+  check_norm(inputs[0], inputs[1], inputs[2]);
   const int rows = int(rows_of(inputs[0]));
   return {inputs[0].shape(), {rows}, {rows}};
 }
@@ -84,6 +105,7 @@ void LayerNormVjp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
                 dy = row_major_data<float>(inputs[4], "dy"), n = int64_t(inputs[0].shape(-1)),
                 rows = rows_of(inputs[0]), dx = outputs[0].data<float>(), dw = outputs[1].data<float>(),
                 db = outputs[2].data<float>()]() {
+    if (n == 0) return;  // dx, dw and db are empty
     const int64_t tasks = (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     std::vector<float> part(size_t(2 * tasks * n), 0.0f);  // per task: dw then db partial sums
     const LoopTable& loops = table();
@@ -111,6 +133,14 @@ void LayerNormVjp::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array
 }
 
 std::vector<mx::Shape> LayerNormVjp::output_shapes(const std::vector<mx::array>& inputs) {
+  check_norm(inputs[0], inputs[1], inputs[1]);
+  const int64_t rows = rows_of(inputs[0]);
+  for (int i : {2, 3}) {
+    if (inputs[i].ndim() != 1 || inputs[i].shape(0) != rows) {
+      throw std::invalid_argument("[ufb.layer_norm] the row statistics must be (rows,)");
+    }
+  }
+  if (inputs[4].shape() != inputs[0].shape()) throw std::invalid_argument("[ufb.layer_norm] dy must have x's shape");
   const int n = inputs[0].shape(-1);
   return {inputs[0].shape(), {n}, {n}};
 }

@@ -8,6 +8,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -26,24 +27,32 @@ from ufb_ref.checkpoint import read_safetensors
 MEMORY_LIMIT = 1536 * 2**20
 
 
-def _limit_memory(limit: int):
+def _limit_memory(limit: int, file_size: int | None = None, close_stdin: bool = False):
     def apply():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if file_size is not None:  # a full disk: writes past the limit fail with EFBIG
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
+        if close_stdin:
+            os.close(0)
     return apply
 
 
 def run_cli(args, *, stdin: bytes | str | None = None, cwd: Path = REPO, memory: int = MEMORY_LIMIT,
-            timeout: float = 120, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+            timeout: float = 120, extra_env: dict | None = None, file_size: int | None = None,
+            close_stdin: bool = False) -> subprocess.CompletedProcess:
     """``python ARGS...`` (e.g. ["-m", "ufb_mlx.generate", ...] or ["convert.py", ...]) with
-    bytes in and out (argv and stdin may hold invalid UTF-8)."""
+    bytes in and out (argv and stdin may hold invalid UTF-8). ``file_size``: no file may
+    grow past it (the disk is full); ``close_stdin``: the process starts without fd 0."""
     e = env()
     e.update(extra_env or {})
     cmd = [sys.executable, *[a if isinstance(a, bytes) else str(a) for a in args]]
     if cmd[1] == "convert.py":
         cmd[1] = str(REPO / "convert.py")
     data = stdin.encode() if isinstance(stdin, str) else stdin
-    proc = subprocess.run(cmd, cwd=cwd, env=e, input=data if data is not None else b"",
-                          capture_output=True, timeout=timeout, preexec_fn=_limit_memory(memory))
+    proc = subprocess.run(cmd, cwd=cwd, env=e, input=None if close_stdin else data if data is not None else b"",
+                          capture_output=True, timeout=timeout,
+                          preexec_fn=_limit_memory(memory, file_size, close_stdin))
     return subprocess.CompletedProcess(proc.args, proc.returncode,
                                        proc.stdout.decode("utf-8", "replace"), proc.stderr.decode("utf-8", "replace"))
 

@@ -19,7 +19,9 @@ import math
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
+import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
@@ -189,4 +191,63 @@ def test_fuzz_finetune_cli(fmt, data, tmp_path_factory):
         return
     event("refused")
     assert_refused(proc)
+    assert tree_state(root) == before
+
+
+# ---------------------------------------------------------------------------- training options with --force
+
+# Options of fine-tuning with the values that used to pass a first check and fail (or turn
+# into inf/0 in float32) only after --force had emptied the output folder (issue 17).
+TRAIN_NUMBER = NUMBER | st.sampled_from(["1e39", "1e-46", "3.4e38", "inf", "-inf", "nan", "2", "0.9999999999",
+                                         str(2**64), str(2**70), "100000", "0.5", "1e-3"])
+TRAIN_OPTIONS = {"--warmup": 1, "--lr": 1, "--eps": 1, "--weight-decay": 1, "--betas": 2, "--dropout": 1,
+                 "--grad-clip": 1, "--seed": 1, "--head-dim": 1, "--max-length": 1, "--batch-size": 1}
+
+
+@st.composite
+def training_argv(draw):
+    argv = []
+    for option in draw(st.lists(st.sampled_from(sorted(TRAIN_OPTIONS)), min_size=1, max_size=3, unique=True)):
+        argv += [option, *(draw(TRAIN_NUMBER) for _ in range(TRAIN_OPTIONS[option]))]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished fine-tuning run (2 steps) that every example tries to replace with --force."""
+    from train_utils import keyword_task, write_jsonl
+
+    root = tmp_path_factory.mktemp("prev")
+    train = write_jsonl(root / "train.jsonl", keyword_task(16, 0))
+    proc = run_cli(["-m", "ufb_mlx.finetune", "--model", MLM, "--train", train, "--out", root / "run",
+                    "--max-steps", "2", "--batch-size", "8", "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return train, root / "run"
+
+
+@fuzz_settings(ci=6, long=200)
+@given(argv=training_argv())
+def test_fuzz_finetune_force_never_loses_the_previous_run(argv, finished_run, tmp_path_factory):
+    """--force with hostile optimisation options: a finished new run whose weights are all
+    finite, or a refusal that leaves the previous run exactly as it was."""
+    import shutil
+
+    train, run = finished_run
+    root = tmp_path_factory.mktemp("force")
+    out = root / "run"
+    shutil.copytree(run, out)
+    before = tree_state(root)
+    proc = run_cli(["-m", "ufb_mlx.finetune", "--model", MLM, "--train", train, "--out", out, "--force",
+                    "--max-steps", "1", "--quiet", *argv])
+    if proc.returncode == 0:
+        event("trained")
+        weights = mx.load(str(out / "model.safetensors"))
+        assert all(mx.all(mx.isfinite(v)).item() for v in weights.values())
+        return
+    event("refused")
+    assert_refused(proc)
+    if "the update made parameter" in proc.stderr or "the loss is" in proc.stderr:
+        event("stopped by the non-finite guard")  # the new run started, and wrote no model
+        assert not (out / "model.safetensors").exists()
+        return
     assert tree_state(root) == before

@@ -35,7 +35,9 @@ def _cap(text: str, item: str) -> float:
         cap = float(text)
     except ValueError:
         raise ValueError(f"'{item}' is not MB or NAME=MB") from None
-    return math.inf if cap <= 0 else cap
+    if math.isnan(cap) or cap < 0:
+        raise ValueError(f"'{item}': a cap is a number of MB >= 0 (0 or inf: no cap)")
+    return math.inf if cap == 0 else cap
 
 
 def _parse_caps(values: Sequence[str] | None, default: float | None) -> tuple[float | None, dict[str, float]]:
@@ -103,6 +105,11 @@ def main(argv: Sequence[str] | None = None, sources: list[Source] | None = None)
         return 0
     if not (0.0 <= args.heldout_fraction < 1.0):
         parser.error("--heldout-fraction must be in [0, 1)")
+    if args.min_words < 1 or args.max_words < args.min_words:
+        parser.error(f"--min-words and --max-words must satisfy 1 <= min <= max, got {args.min_words} and "
+                     f"{args.max_words}")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     if args.sources:
         wanted = [x.strip() for x in args.sources.split(",") if x.strip()]
         unknown = sorted(set(wanted) - {s.name for s in registry})

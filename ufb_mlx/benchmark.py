@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from . import blas  # noqa: F401  (ufb_mlx/__init__ has loaded OpenBLAS before mlx)
@@ -308,6 +309,20 @@ def render(doc: dict) -> str:
     return "\n".join(out)
 
 
+def check_plot_path(path: str) -> None:
+    """A --plot path that matplotlib can write (its suffix names a format it knows) in a
+    folder that exists: checked before the benchmark runs, not after."""
+    from matplotlib.figure import Figure
+
+    suffix = Path(path).suffix.lstrip(".").lower()
+    formats = Figure().canvas.get_supported_filetypes()
+    if suffix not in formats:
+        raise UFBError(f"--plot '{path}': the suffix must name an image format ({', '.join(sorted(formats))})")
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise UFBError(f"--plot '{path}': folder '{folder}' does not exist")
+
+
 def plot(doc: dict, path: str) -> None:
     try:
         import matplotlib
@@ -371,8 +386,27 @@ def fff_backends() -> list[str]:
     return out
 
 
+def check_layer_sizes(tokens: list[int], H: int, widest: int, memory: int | None) -> None:
+    """Refuse, before allocating anything, a token count whose arrays cannot exist: MLX's
+    element count per array (int32), or more memory than the machine has (estimated:
+    x, y and dy (T, H) in float32 and float64 for the NumPy arm, the dense arms' (T, width)
+    activations and their gradients)."""
+    for T in tokens:
+        if T * max(H, widest) >= 2**31:
+            raise UFBError(f"--tokens {T}: a ({T}, {max(H, widest)}) array has more than 2^31 - 1 elements")
+        need = T * (4 * 3 * H + 8 * 3 * H + 4 * 4 * widest)
+        if memory and need > memory:
+            raise UFBError(f"--tokens {T} needs about {need / 2**30:.1f} GiB, more than the "
+                           f"{memory / 2**30:.1f} GiB this process may use; give fewer tokens")
+
+
+def layer_sizes(tiny: bool) -> tuple[int, int, int]:
+    """(hidden, trees, depth) of the layer benchmark: the released layer, or a tiny one."""
+    return (64, 1, 3) if tiny else (768, 1, 11)
+
+
 def bench_layer(opts, env) -> dict:
-    H, P, D = (64, 1, 3) if opts.tiny else (768, 1, 11)
+    H, P, D = layer_sizes(opts.tiny)
     n = fff_lib.n_nodes(D)
     width, width_ffn = P * n, 4 * H
     w_in = _normal((width, H), 1, H**-0.5)
@@ -573,6 +607,11 @@ def _check_seq(opts, args: ModelArgs) -> int:
     S = opts.seq or (16 if opts.tiny else DEFAULT_SEQ)
     if S > args.max_seq_length:
         raise UFBError(f"--seq {S} exceeds the model's max_seq_length {args.max_seq_length}")
+    from .train import check_batch_memory
+
+    for B in opts.batch:  # before any array is made: MLX may crash on a failed allocation
+        check_batch_memory(args, B * S, B * S if args.task == "mlm" else B, f"--batch {B} --seq {S}",
+                           "lower --batch or --seq")
     return S
 
 
@@ -820,8 +859,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UFBError(f"--reps must be >= 1, got {opts.reps}")
     if opts.warmup < 0:
         raise UFBError(f"--warmup must be >= 0, got {opts.warmup}")
-    if opts.budget <= 0:
-        raise UFBError(f"--budget must be > 0, got {opts.budget}")
+    if not 0 < opts.budget < math.inf:
+        raise UFBError(f"--budget must be a positive number of seconds, got {opts.budget}")
     if getattr(opts, "seq", None) is not None and opts.seq < 1:
         raise UFBError(f"--seq must be >= 1, got {opts.seq}")
     if opts.command == "layer" and opts.tokens is None:
@@ -835,6 +874,12 @@ def main(argv: list[str] | None = None) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UFBError(NO_MATPLOTLIB) from None
+        check_plot_path(opts.plot)
+    if opts.command == "layer":
+        H, P, D = layer_sizes(opts.tiny)
+        from .train import memory_limit
+
+        check_layer_sizes(opts.tokens, H, max(P * fff_lib.n_nodes(D), 4 * H), memory_limit())
     mx.random.seed(0)
     env = environment()
     log(f"[{opts.command}] {env['backend']} on {env['device']}; BLAS: {env['blas']} "

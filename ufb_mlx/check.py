@@ -129,16 +129,46 @@ def _f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32).astype(np.float64)
 
 
+def problem_shapes(count: int, seed: int) -> list[tuple[int, int, int, int]]:
+    """(trees, depth, hidden, tokens) of ``random_problems(count, seed)``, without their arrays."""
+    return _draw_shapes(np.random.default_rng(seed), count)
+
+
+def _draw_shapes(rng, count: int) -> list[tuple[int, int, int, int]]:
+    return list(_iter_shapes(rng, count))
+
+
+def _iter_shapes(rng, count: int):
+    from .metal_kernels import ROW_CHUNK
+
+    fixed = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]
+    yield from fixed
+    for _ in range(count - len(fixed)):
+        yield (int(rng.integers(1, 4)), int(rng.integers(0, 9)), int(rng.integers(1, 161)), int(rng.integers(1, 65)))
+
+
+def check_problem_memory(count: int, seed: int) -> None:
+    """The configurations are built up front: refuse a count whose float64 arrays (x, dy,
+    both weights, bias) cannot fit in this machine's memory, before building any."""
+    from .train import memory_limit
+
+    have = memory_limit()
+    if not have:
+        return
+    need = 0
+    for i, (p, d, h, t) in enumerate(_iter_shapes(np.random.default_rng(seed), count), 1):  # stops when too much
+        need += 8 * (2 * t * h + 2 * ref_fff.n_nodes(d) * p * h + ref_fff.n_nodes(d) * p)
+        if need > have // 2:
+            raise UFBError(f"--configs {count}: the first {i} configurations alone need {need / 2**30:.1f} GiB, more "
+                           f"than half of the {have / 2**30:.1f} GiB this process may use; check fewer (or several "
+                           "seeds, one at a time)")
+
+
 def random_problems(count: int, seed: int) -> list[Problem]:
     """``count`` configurations: the two fixed ones of the module docstring, then random
     (trees 1-3, depth 0-8, width 1-160, 1-64 tokens)."""
-    from .metal_kernels import ROW_CHUNK
-
     rng = np.random.default_rng(seed)
-    shapes = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]
-    while len(shapes) < count:
-        shapes.append((int(rng.integers(1, 4)), int(rng.integers(0, 9)), int(rng.integers(1, 161)),
-                       int(rng.integers(1, 65))))
+    shapes = _draw_shapes(rng, count)
     problems = []
     for trees, depth, hidden, tokens in shapes:
         n = ref_fff.n_nodes(depth) * trees
@@ -431,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.configs < 0:
         raise UFBError(f"--configs must be 0 or more, got {args.configs}")
+    if args.seed < 0:
+        raise UFBError(f"--seed must be 0 or more, got {args.seed}")
+    check_problem_memory(args.configs, args.seed)
     doc = check(args.model, args.configs, args.seed,
                 progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(json.dumps(doc, indent=2) if args.json else format_report(doc))

@@ -38,6 +38,10 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
         raise UFBError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if not str(mlx_path).strip() or out.name in ("", ".", ".."):
         raise UFBError(f"--mlx-path '{mlx_path}' does not name a folder to write")
+    try:  # undecodable bytes (held as surrogates): MLX cannot open such a path
+        str(mlx_path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UFBError(f"--mlx-path {str(mlx_path)!a} is not valid UTF-8; MLX cannot write model files there") from None
     if (out.exists() or out.is_symlink()) and not force:
         raise UFBError(f"output folder '{out}' exists; pass --force to replace it")
     source = model_location(hf_path)

@@ -13,8 +13,14 @@ the CPU's default stream when given none), so callers need no ``mx.stream`` of t
 from __future__ import annotations
 
 import functools
+import os
 
 import mlx.core as mx
+
+from ufb_ref.errors import UFBError
+
+# The instruction-set builds of csrc/kernels_*.cpp (x86-64 builds have all three).
+ISAS = ("avx512", "avx2", "generic")
 
 
 @functools.cache
@@ -28,7 +34,22 @@ def _load():
     reason = version_mismatch(getattr(_ext, "MLX_VERSION", "?"), mx.__version__)
     if reason is None:
         reason = _probe(_ext)
+    if reason is None:
+        check_isa(os.environ.get("UFB_CPU_ISA", ""), list(_ext.isas()))
     return (None, reason) if reason else (_ext, None)
+
+
+def check_isa(wanted: str, usable: list[str]) -> None:
+    """``UFB_CPU_ISA`` (empty: the best ``usable`` one) must name a build this CPU runs;
+    the C++ side would silently fall back to the generic kernels."""
+    if not wanted or wanted in usable:
+        return
+    if wanted in ISAS:
+        why = f"this CPU does not support {wanted}"
+    else:
+        why = "not an instruction set of the CPU kernels" + (f" (names are lower case: {wanted.lower()})"
+                                                             if wanted.lower() in ISAS else "")
+    raise UFBError(f"UFB_CPU_ISA={wanted!r}: {why}; choose one of {', '.join(usable)} (usable here) or unset it")
 
 
 def version_mismatch(built: str, running: str) -> str | None:

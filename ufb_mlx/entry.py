@@ -19,7 +19,9 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 # MLX reports I/O and allocation failures as RuntimeError, tagged by the operation:
 # "[load_safetensors] Failed to open file ...", "[malloc] Unable to allocate ...".
-_MLX_ENVIRONMENT_ERROR = re.compile(r"^\[(load|save)\w*\]|^\[\w*malloc\w*\]|Unable to allocate")
+# A full disk: "[write] Unable to write 1048576 bytes" (an std::ofstream that failed).
+_MLX_ENVIRONMENT_ERROR = re.compile(r"^\[(load|save|write|read)\w*\]|^\[\w*malloc\w*\]|Unable to allocate|"
+                                    r"Unable to write")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -39,10 +41,16 @@ def errors_to_exit(main: Callable[[list[str] | None], int | None], argv: list[st
         return _fail(describe_os_error(e))
     except MemoryError:
         return _fail("out of memory")
+    except UnicodeEncodeError as e:
+        if e.encoding.replace("-", "").lower() == (sys.stdout.encoding or "").replace("-", "").lower():
+            return _fail(f"cannot print {e.object[e.start:e.end]!r}: standard output's encoding is {e.encoding}; "
+                         "set PYTHONIOENCODING=utf-8")
+        raise
     except RuntimeError as e:
         if not _MLX_ENVIRONMENT_ERROR.search(str(e)):
             raise
-        return _fail(str(e))
+        first = (str(e).strip().splitlines() or [""])[0]
+        return _fail(first + (" (is the disk full?)" if "Unable to write" in first else ""))
 
 
 def _fail(message: str) -> int:
@@ -58,6 +66,9 @@ def console(main: Callable[[list[str] | None], int | None]) -> Callable[[], None
         from .backend import configure_cpu_runtime
 
         configure_cpu_runtime()
+        # Paths with undecodable bytes (held as surrogates) print as the bytes they are.
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="surrogateescape")
         sys.exit(errors_to_exit(main))
 
     return entry

@@ -33,7 +33,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ufb_ref import fsio
-from ufb_ref.checkpoint import CONFIG_FILE, resolve
+from ufb_ref.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import ArgumentParser, UFBError
 from ufb_ref.tokenizer import pad_batch
@@ -77,12 +77,12 @@ def _hub_head_dim(folder: Path) -> int:
         return 0
 
 
-def build_classifier(base: Model, base_folder: Path, num_labels: int, regression: bool,
-                     id2label: dict | None, head_dim: int | None, seed: int, fff_mode: str,
-                     source: dict) -> tuple[Model, bool]:
-    """A classifier (or regressor: one output) whose encoder is ``base``'s. The pooler and
-    head are new (N(0, 0.02^2) weights, zero biases) unless ``base`` is already a classifier
-    of the same shape, whose head is then kept. Returns (model, head kept)."""
+def classifier_args(base: Model, base_folder: Path, num_labels: int, regression: bool, id2label: dict | None,
+                    head_dim: int | None, source: dict) -> tuple[ModelArgs, bool]:
+    """The config of the classifier (or regressor: one output) that ``build_classifier``
+    makes from ``base`` (validated: a bad --head-dim fails here, before anything is
+    written), and whether ``base``'s head is kept: it is when ``base`` is already a
+    classifier of the same shape."""
     b = base.args
     head_dim = head_dim or b.head_dim or _hub_head_dim(base_folder) or b.hidden_size
     keep = (b.task == "classification" and b.num_labels == num_labels and b.head_dim == head_dim
@@ -90,7 +90,16 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
     params = {**b.to_dict(), "task": "classification", "num_labels": num_labels, "head_dim": head_dim,
               "id2label": id2label, "problem_type": "regression" if regression else "single_label_classification",
               "source": source}
-    args = ModelArgs.from_dict(params)
+    return ModelArgs.from_dict(params, where="the classifier (--head-dim and the labels)"), keep
+
+
+def build_classifier(base: Model, base_folder: Path, num_labels: int, regression: bool,
+                     id2label: dict | None, head_dim: int | None, seed: int, fff_mode: str,
+                     source: dict) -> tuple[Model, bool]:
+    """A classifier (or regressor: one output) whose encoder is ``base``'s. The pooler and
+    head are new (N(0, 0.02^2) weights, zero biases) unless ``base`` is already a classifier
+    of the same shape, whose head is then kept. Returns (model, head kept)."""
+    args, keep = classifier_args(base, base_folder, num_labels, regression, id2label, head_dim, source)
     mx.random.seed(seed)
     model = Model(args, fff_mode)
     train.init_normal(model.pooler)
@@ -152,26 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a) -> None:
-    positive = {"--batch-size": a.batch_size, "--eval-batch-size": a.eval_batch_size, "--log-every": a.log_every,
-                "--keep": a.keep, **{k: v for k, v in (("--epochs", a.epochs), ("--max-steps", a.max_steps))
-                                     if v is not None}}
+    positive = {"--batch-size": a.batch_size, **{k: v for k, v in (("--epochs", a.epochs), ("--max-steps", a.max_steps))
+                                                 if v is not None}}
     for name, v in positive.items():
         if v < 1:
             raise UFBError(f"{name} must be at least 1, got {v}")
     if a.save_every < 0:
         raise UFBError(f"--save-every must be >= 0, got {a.save_every}")
-    if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
-        raise UFBError(f"--lr must be positive, got {a.lr}")
-    if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0:
-        raise UFBError("--betas must be in [0, 1), --eps positive and --weight-decay >= 0")
-    if not 0 <= a.dropout < 1:
-        raise UFBError(f"--dropout must be in [0, 1), got {a.dropout}")
-    if a.grad_clip < 0:
-        raise UFBError(f"--grad-clip must be >= 0, got {a.grad_clip}")
+    train.check_optimisation_args(a)
     if a.head_dim is not None and a.head_dim < 1:
         raise UFBError(f"--head-dim must be at least 1, got {a.head_dim}")
-    if a.resume and a.force:
-        raise UFBError("--resume and --force exclude each other")
+    if a.max_length is not None and a.max_length < 1:
+        raise UFBError(f"--max-length must be at least 1, got {a.max_length}")
     metric = a.metric or ("pearson" if a.task == "regression" else "accuracy")
     allowed = (metrics.REGRESSION_METRICS if a.task == "regression" else metrics.CLASSIFICATION_METRICS) + ("loss",)
     if metric not in allowed:
@@ -189,12 +190,14 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     _check_args(a)
     world = train.World()
     out = Path(a.out)
+    train.check_out_path(a.out)
 
     # Everything a bad input can break is checked before the output folder is touched.
     base_folder = resolve(model_location(a.model))
     if out.resolve() == base_folder.resolve():
         raise UFBError("--out must differ from --model (the model folder would be overwritten)")
-    train.check_out(out, a.resume, a.force)  # fail early; prepare_out below, once the data is known good
+    inputs = (base_folder, a.train, a.valid)  # --out may overlap none of them
+    train.check_out(out, a.resume, a.force, inputs)  # fail early; prepare_out below, once the data is known good
     logger = train.Logger(out, world, a.quiet)
     logger.print(f"loading {a.model}, reading and tokenising {a.train}" + (f" and {a.valid}" if a.valid else ""))
     base, tok = load(a.model, fff_mode=a.fff_mode)
@@ -219,10 +222,21 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     x_train, cut_train = encoder(train_ex)
     x_valid, cut_valid = encoder(valid_ex) if valid_ex else ([], 0)
     world.check_same("training data", _digest(x_train, y_train))
-    held.enter_context(train.lock_out(out, world))
-    resume_from = train.prepare_out(out, world, a.resume, a.force)
-
     source = {"finetuned_from": str(a.model), "task": a.task, "train": str(a.train)}
+    cls_args = classifier_args(base, tok.path.parent, 1 if regression else len(labels), regression, id2label,
+                               a.head_dim, source)[0]
+    if regression and valid_ex and a.metric in ("pearson", "spearman"):
+        _check_correlation_labels(y_valid, a.valid, a.metric)
+    n = len(x_train)
+    steps_per_epoch = math.ceil(n / (a.batch_size * world.size))
+    total = steps_per_epoch * a.epochs if a.max_steps is None else a.max_steps
+    train.make_schedule(a.schedule, a.lr, total, a.warmup)  # validates
+    rows = min(a.batch_size * world.size, n)
+    train.check_batch_memory(cls_args, rows * max((len(x) for x in x_train), default=1), rows,
+                             f"--batch-size {a.batch_size}")
+    held.enter_context(train.lock_out(out, world))
+    resume_from = train.prepare_out(out, world, a.resume, a.force, inputs)
+
     model, kept = build_classifier(base, tok.path.parent, 1 if regression else len(labels), regression,
                                    id2label, a.head_dim, a.seed, a.fff_mode, source)
     del base
@@ -248,7 +262,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     start = 0
     if resume_from is not None:
         state = train.resume(out, resume_from[1], model, optimizer, run_cfg, world, logger, total)
-        start, best = state["step"], state.get("best", best)
+        start, best = state["step"], _check_best(state.get("best", best))
     else:
         logger.print(f"fine-tuning {a.model} for {a.task}: {n} training examples"
                      + (f", {len(x_valid)} validation" if valid_ex else "")
@@ -298,12 +312,18 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)
             improved = metrics.is_better(a.metric, res[a.metric], best["value"], res["loss"],
                                    (best["metrics"] or {}).get("loss"))
-            if improved:
-                best = {"metric": a.metric, "value": res[a.metric], "step": step, "epoch": epoch, "metrics": res}
+            # A NaN metric (e.g. Pearson of constant predictions) selects nothing; the run
+            # still ends with a model: the last one, when no epoch had a finite metric.
+            fallback = not improved and best["value"] is None and step == total
+            if improved or fallback:
+                best = {"metric": a.metric, "value": res[a.metric] if improved else None, "step": step,
+                        "epoch": epoch, "metrics": res}
                 if world.main:
                     save_model(out, model, model.args, tok.path.parent)
             shown = " | ".join(f"{k} {v:.4f}" for k, v in res.items())
-            logger.print(f"eval epoch {epoch} step {step} | {shown}" + (" | best, saved" if improved else ""))
+            logger.print(f"eval epoch {epoch} step {step} | {shown}" + (" | best, saved" if improved else "")
+                         + (f" | {a.metric} is NaN: it cannot select a model" if math.isnan(res[a.metric]) else "")
+                         + (f" | no epoch had a finite {a.metric}: the final model is saved" if fallback else ""))
             logger.record("eval", step=step, epoch=epoch, best=improved, **res)
         elif epoch_end and world.main:  # no validation data: the latest model is the result
             save_model(out, model, model.args, tok.path.parent)
@@ -320,12 +340,36 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                  describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
     if world.main:
         fsio.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
+    if world.main and not (out / WEIGHTS_FILE).is_file():  # never report a model that is not there
+        raise UFBError(f"the run ended without a model in '{out}'")
     if best["value"] is not None:
         logger.print(f"best {a.metric} {best['value']:.4f} at epoch {best['epoch']} (step {best['step']}); "
                      f"model saved in {out}")
     else:
-        logger.print(f"model saved in {out}")
+        logger.print(f"model saved in {out}" + (f" (the final one: no epoch had a finite {a.metric})"
+                                                 if valid_ex else ""))
     return 0
+
+
+def _check_correlation_labels(y_valid, path, metric: str) -> None:
+    """Pearson and Spearman need two or more validation labels that differ: otherwise they
+    are NaN at every epoch and could never select a model."""
+    y = np.asarray(y_valid, dtype=np.float64)
+    if len(y) < 2 or np.all(y == y[0]):
+        what = f"{len(y)} example" if len(y) < 2 else f"all {len(y)} labels are {y[0]:g}"
+        raise UFBError(f"{path}: --metric {metric} needs at least 2 validation examples with different labels "
+                       f"({what}); add validation data or choose --metric mse or loss")
+
+
+def _check_best(best) -> dict:
+    """A resumed run's best result (its checkpoint's trainer state)."""
+    keys = {"metric", "value", "step", "epoch", "metrics"}
+    if (not isinstance(best, dict) or not keys <= set(best)
+            or not (best["value"] is None or isinstance(best["value"], (int, float)))
+            or not (best["metrics"] is None or isinstance(best["metrics"], dict))):
+        raise UFBError(f"--resume: the checkpoint's best result is malformed ({json.dumps(best)[:80]}); "
+                       "start again with --force")
+    return best
 
 
 def _digest(x, y) -> str:

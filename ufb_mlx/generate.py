@@ -315,7 +315,12 @@ def read_prompts(args) -> tuple[list[str], list[str | None]]:
 
 def read_stdin() -> str:
     """Standard input as UTF-8 text; anything else is a one-line error naming the line."""
-    data = sys.stdin.buffer.read()
+    if sys.stdin is None:  # started with stdin closed (`<&-`)
+        raise UFBError("stdin is closed: '-' reads the prompts from standard input")
+    try:
+        data = sys.stdin.buffer.read()
+    except OSError as e:
+        raise UFBError(f"cannot read stdin: {e.strerror or e}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -38,7 +38,7 @@ from mlx.utils import tree_flatten
 from ufb_ref.checkpoint import read_json_object, resolve
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import ArgumentParser, UFBError
-from ufb_ref.tokenizer import Tokenizer
+from ufb_ref.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 from . import data, train
 from .entry import console
@@ -112,23 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a) -> None:
-    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "save_every", "keep"):
+    for name in ("steps", "batch_size", "eval_every", "save_every"):
         if getattr(a, name) < 1:
             raise UFBError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    if not (a.lr > 0 and math.isfinite(a.lr)):
-        raise UFBError(f"--lr must be positive, got {a.lr}")
-    if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0 or a.grad_clip < 0:
-        raise UFBError("--betas must be in [0, 1), --eps positive, --weight-decay and --grad-clip >= 0")
-    if not 0 <= a.dropout < 1:
-        raise UFBError(f"--dropout must be in [0, 1), got {a.dropout}")
+    train.check_optimisation_args(a)
     if not 0 < a.valid_fraction < 1:
         raise UFBError(f"--valid-fraction must be in (0, 1), got {a.valid_fraction}")
-    if a.resume and a.force:
-        raise UFBError("--resume and --force exclude each other")
     if a.model and (a.tokenizer or a.vocab_size):
         raise UFBError("--model brings its own tokenizer; --tokenizer and --vocab-size go with --config")
     if not 0 < a.mask_rate < 1:
         raise UFBError(f"--mask-rate must be in (0, 1), got {a.mask_rate}")
+    if a.vocab_size is not None and a.vocab_size <= len(SPECIAL_TOKENS):  # (0 would mean the config's)
+        raise UFBError(f"--vocab-size must be more than the {len(SPECIAL_TOKENS)} special tokens, got {a.vocab_size}")
     if a.seq_length is not None and a.seq_length < 8:
         raise UFBError(f"--seq-length must be at least 8, got {a.seq_length}")
 
@@ -149,6 +144,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     _check_args(a)
     world = train.World()
     out = Path(a.out)
+    train.check_out_path(a.out)
 
     # Corpus and model source first: bad inputs fail before the output folder is touched.
     files = data.corpus_files(a.corpus)
@@ -179,7 +175,10 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         train.check_training_memory(largest)
     if a.tokenizer:
         Tokenizer(a.tokenizer)  # a clear error for a missing or bad tokenizer.json
-    resume_from = train.check_out(out, a.resume, a.force)
+    # --out may overlap none of what the run reads.
+    inputs = (*files, *(data.corpus_files(a.valid) if a.valid else ()), *a.corpus, *(a.valid or ()), a.tokenizer,
+              folder if a.model else None, a.config if a.config and a.config not in PRESETS else None)
+    resume_from = train.check_out(out, a.resume, a.force, inputs)
 
     # Tokenizer: the model's, a given one, the interrupted run's, or a new one.
     logger = train.Logger(out, world, a.quiet)
@@ -228,11 +227,17 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                            "(add text, lower --seq-length or give --valid)")
         perm = np.random.default_rng([a.seed, 7]).permutation(len(blocks))
         n_valid = max(1, int(round(a.valid_fraction * len(blocks))))
+        if n_valid >= len(blocks):
+            raise UFBError(f"--valid-fraction {a.valid_fraction:g} of {len(blocks)} blocks leaves no training block; "
+                           "lower it or give --valid")
         valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
+    train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)  # validates
+    tokens = a.batch_size * world.size * seq
+    train.check_batch_memory(args, tokens, int(math.ceil(a.mask_rate * tokens)), f"--batch-size {a.batch_size}")
     held.enter_context(train.lock_out(out, world))
-    train.prepare_out(out, world, a.resume, a.force)
+    train.prepare_out(out, world, a.resume, a.force, inputs)
     if hf is not None and world.main:
         data.save_tokenizer_files(hf, out, seq)
     masker = data.Masker(tok, args.vocab_size, a.mask_rate)
@@ -283,12 +288,15 @@ def _main(argv, held: contextlib.ExitStack) -> int:
     def rows_of(step):
         pos = np.arange((step - 1) * global_batch, step * global_batch)
         epochs, within = np.divmod(pos, n)
+        for old in [e for e in orders if e < epochs[0]]:  # epochs behind this batch (a batch may span many)
+            orders.pop(old)
+        rows = np.empty(len(pos), dtype=np.int64)
         for e in np.unique(epochs):
             if int(e) not in orders:
-                if len(orders) > 4:
-                    orders.pop(min(orders))
                 orders[int(e)] = data.epoch_order(n, a.seed, int(e))
-        return np.array([orders[int(e)][w] for e, w in zip(epochs, within)])
+            sel = epochs == e
+            rows[sel] = orders[int(e)][within[sel]]
+        return rows
 
     capacity = data.position_capacity(a.batch_size * seq, a.mask_rate)
 

@@ -61,6 +61,8 @@ _CKPT = re.compile(r"step-(\d{8,})$")
 _CKPT_TEMP = re.compile(r"\.(step-\d{8,})\.(?:tmp|old)-")  # ufb_ref.fsio's temporary names
 # Files a run writes into its output folder (what --force may remove).
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "train_results.json", *TOKENIZER_FILES)
+# What a run's marker (ufb_ref.fsio.MARKER) lists: --force replaces a folder holding only these.
+RUN_ENTRIES = (*RUN_FILES, CHECKPOINTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,6 +132,39 @@ def add_run_arguments(parser, save_every: int, save_help: str):
     r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
     r.add_argument("--quiet", action="store_true", help="no progress lines (log.jsonl is still written)")
     return r
+
+
+F32_MAX = float(np.finfo(np.float32).max)
+F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
+def check_optimisation_args(a) -> None:
+    """The options fine-tuning and pretraining share, each in the precision it is used in
+    (float32: --lr 1e39 would be inf, --eps 1e-46 zero, a beta of 0.999999999 one), and
+    the run options; called before anything is written."""
+    for name, v in (("--eval-batch-size", a.eval_batch_size), ("--log-every", a.log_every), ("--keep", a.keep)):
+        if v < 1:
+            raise UFBError(f"{name} must be at least 1, got {v}")
+    if a.lr is not None and not F32_TINY <= a.lr <= F32_MAX:
+        raise UFBError(f"--lr must be positive and a normal float32 number (from {F32_TINY:.3g} to {F32_MAX:.3g}), "
+                       f"got {a.lr:g}")
+    for b in a.betas:
+        if not (0 <= b < 1 and np.float32(b) < 1):
+            raise UFBError(f"--betas must be in [0, 1) in float32, got {b!r}" + (" (float32 rounds it to 1)" if 0 <= b < 1 else ""))
+    if not F32_TINY <= a.eps <= F32_MAX:
+        raise UFBError(f"--eps must be positive and a normal float32 number (from {F32_TINY:.3g} to {F32_MAX:.3g}), "
+                       f"got {a.eps:g}")
+    for name, v in (("--weight-decay", a.weight_decay), ("--grad-clip", a.grad_clip)):
+        if not 0 <= v <= F32_MAX:
+            raise UFBError(f"{name} must be a finite float32 number >= 0, got {v:g}")
+    if not 0 <= a.warmup < 1:
+        raise UFBError(f"--warmup must be a fraction in [0, 1), got {a.warmup:g}")
+    if not 0 <= a.dropout < 1:
+        raise UFBError(f"--dropout must be in [0, 1), got {a.dropout:g}")
+    if not 0 <= a.seed < 2**64:
+        raise UFBError(f"--seed must be an integer in [0, 2^64), got {a.seed}")
+    if a.resume and a.force:
+        raise UFBError("--resume and --force exclude each other")
 
 
 def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
@@ -280,13 +315,24 @@ class Trainer:
 
 
 class NonFiniteLoss(UFBError):
-    """Training stopped: a loss or gradient that is NaN or infinite would make every weight NaN."""
+    """Training stopped: the loss, a gradient or an updated weight is NaN or infinite."""
 
     def __init__(self, step: int, loss: float):
         self.step = step
-        super().__init__(f"step {step}: the loss is {loss:.4g} and the gradients are not all finite; training "
-                         "stopped before the update, so the last checkpoint and the saved model are kept. Lower "
-                         "--lr, set --grad-clip, or look for extreme labels or inputs")
+        what = (f"the loss is {loss:.4g}" if not math.isfinite(loss)
+                else f"the loss is {loss:.4g} but a gradient or an updated weight is NaN or infinite")
+        super().__init__(f"step {step}: {what}; training stopped and nothing of this step is saved. Lower --lr, "
+                         "raise --eps, set --grad-clip, or look for extreme labels or inputs")
+
+
+def kept_after_stop(out: Path) -> str:
+    """What a run stopped by a non-finite step leaves, as the end of its error line."""
+    ckpts = list_checkpoints(out)
+    has_model = (Path(out) / WEIGHTS_FILE).is_file()
+    if ckpts:
+        return (f"; the last checkpoint (step {ckpts[-1][0]})" + (" and the saved model are" if has_model else " is")
+                + " kept")
+    return "; the saved model is kept" if has_model else "; no checkpoint or model had been written yet"
 
 
 # ---------------------------------------------------------------------------------------
@@ -347,8 +393,15 @@ class Logger:
         line it was killed in the middle of writing."""
         if not self.world.main or not self.path.exists():
             return
-        keep = [json.dumps(rec) for rec in read_log(self.path.parent) if rec.get("step", 0) <= step]
+        keep = [json.dumps(rec) for rec in read_log(self.path.parent) if _logged_step(rec) <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+
+
+def _logged_step(rec: dict) -> float:
+    """A log record's step (0 when it has none); a malformed one (not a whole number, e.g.
+    a hand-edited line) counts as after every checkpoint, so truncation drops it."""
+    step = rec.get("step", 0)
+    return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
 def peak_memory_gb() -> float:
@@ -406,6 +459,8 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
             after_step(step)
     except KeyboardInterrupt:
         raise Interrupted(resume_hint(logger.path.parent, step)) from None
+    except NonFiniteLoss as e:
+        raise UFBError(str(e) + kept_after_stop(logger.path.parent)) from e
     finally:
         progress.close()
         logger.progress = None
@@ -454,19 +509,26 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
 
 def restore_checkpoint(path: Path, model, optimizer) -> dict:
     """Restore a training checkpoint's weights and optimizer state in place; returns its
-    trainer state (step, run options, best result). Every file is checked (the safetensors
-    headers against the file sizes, the weights finite) before anything is restored."""
+    trainer state (step, run options, best result). Every file is checked before anything
+    is restored: the safetensors headers against the file sizes; the trainer state's step
+    and run options; the weights and the optimizer state against what this model and
+    optimizer hold (the same keys, shapes and dtypes) and finite."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
-        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-            raise ValueError(f"{STATE_FILE} holds no step")
+        if not isinstance(state, dict):
+            raise ValueError(f"{STATE_FILE} is not a JSON object")
+        step = state.get("step")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"{STATE_FILE}: 'step' must be a non-negative integer, got {step!r}")
+        if not isinstance(state.get("run", {}), dict):
+            raise ValueError(f"{STATE_FILE}: 'run' must be an object of run options, got {state['run']!r:.40}")
         for name in (WEIGHTS_FILE, OPTIMIZER_FILE):
             SafetensorsFile(path / name)
         weights = mx.load(str(path / WEIGHTS_FILE))
         opt_state = mx.load(str(path / OPTIMIZER_FILE))
-        bad = [k for k, v in weights.items() if not mx.all(mx.isfinite(v)).item()]
-        if bad:
-            raise ValueError(f"weight '{bad[0]}' is not finite")
+        _check_tree(WEIGHTS_FILE, weights, dict(tree_flatten(model.parameters())))
+        optimizer.init(model.trainable_parameters())  # the state's expected keys, shapes and dtypes
+        _check_tree(OPTIMIZER_FILE, opt_state, dict(tree_flatten(optimizer.state)))
         model.load_weights(list(weights.items()), strict=True)
         optimizer.state = tree_unflatten(list(opt_state.items()))
     except (OSError, ValueError, RuntimeError, RecursionError) as e:
@@ -475,17 +537,74 @@ def restore_checkpoint(path: Path, model, optimizer) -> dict:
     return state
 
 
+def _check_tree(what: str, got: dict, want: dict) -> None:
+    """A checkpoint file's arrays must be exactly the ``want`` ones (keys, shapes, dtypes),
+    and finite (float ones)."""
+    missing = sorted(set(want) - set(got))
+    if missing:
+        raise ValueError(f"{what} lacks '{missing[0]}'" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                         + " (a checkpoint of another model or run?)")
+    extra = sorted(set(got) - set(want))
+    if extra:
+        raise ValueError(f"{what} holds '{extra[0]}'" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+                         + " that this run does not have (a checkpoint of another model or run?)")
+    for k, w in want.items():
+        g = got[k]
+        if g.shape != w.shape or g.dtype != w.dtype:
+            raise ValueError(f"{what}: '{k}' is {str(g.dtype).split('.')[-1]} {tuple(g.shape)}, this run needs "
+                             f"{str(w.dtype).split('.')[-1]} {tuple(w.shape)}")
+    floats = [k for k, v in got.items() if mx.issubdtype(v.dtype, mx.floating)]
+    finite = mx.stack([mx.all(mx.isfinite(got[k])) for k in floats]) if floats else mx.array([True])
+    if not np.array(finite).all():
+        raise ValueError(f"{what}: '{floats[int(np.argmin(np.array(finite)))]}' is not finite")
+
+
 def _occupied(out: Path) -> bool:
-    return (out / CHECKPOINTS).exists() or any((out / f).exists() for f in RUN_FILES)
+    return (out / CHECKPOINTS).exists() or any((out / f).exists() for f in (*RUN_FILES, fsio.MARKER))
 
 
-def check_out(out: Path, resume: bool, force: bool) -> tuple[int, Path] | None:
+def check_out_path(out: str | Path, inputs=()) -> None:
+    """``--out`` must name a folder to write that is not the current folder or one above
+    it (nor the root), and must not overlap any of ``inputs`` (the model, tokenizer, corpus
+    or data files of the run): neither inside one nor holding one."""
+    text = str(out)
+    if not text.strip() or Path(text).name in ("", ".", ".."):
+        raise UFBError(f"--out '{text}' does not name a folder to write")
+    try:
+        real, cwd = Path(out).resolve(), Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:
+        raise UFBError(f"--out '{text}': cannot resolve the path ({e})") from e
+    if fsio._inside(cwd, real):
+        raise UFBError(f"--out '{text}' is the current folder or holds it; write the run into a folder of its own")
+    try:  # undecodable bytes (held as surrogates): MLX cannot open such a path to save into
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UFBError(f"--out {text!a} is not valid UTF-8; MLX cannot write model files there") from None
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:  # the run prints it (at the end too): fail now rather than after the training
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        raise UFBError(f"--out {text!a} cannot be printed in standard output's encoding ({encoding}); "
+                       "set PYTHONIOENCODING=utf-8") from None
+    for src in inputs:
+        if src is None:
+            continue
+        src_real = Path(src).resolve()
+        if fsio._inside(src_real, real) or fsio._inside(real, src_real):
+            raise UFBError(f"--out '{text}' overlaps the input '{src}'; write the output elsewhere")
+
+
+def check_out(out: Path, resume: bool, force: bool, inputs=()) -> tuple[int, Path] | None:
     """Check the output folder (read only). Returns the checkpoint to resume from, or None
-    for a new run; a new run refuses a folder that holds a run or a model unless ``force``."""
+    for a new run; a new run refuses a folder that holds a run or a model unless ``force``,
+    and ``force`` replaces only a folder this project's tools wrote (``fsio.check_replaceable``).
+    ``inputs``: what the run reads (``check_out_path``)."""
     out = Path(out)
+    check_out_path(out, inputs)
     if out.exists() and not out.is_dir():
         raise UFBError(f"output path '{out}' is a file")
     if resume:
+        recover_checkpoints(out)
         ckpts = list_checkpoints(out)
         if not ckpts:
             raise UFBError(f"--resume: no checkpoint in '{out / CHECKPOINTS}' to resume from")
@@ -493,7 +612,18 @@ def check_out(out: Path, resume: bool, force: bool) -> tuple[int, Path] | None:
     if _occupied(out) and not force:
         raise UFBError(f"output folder '{out}' already holds a training run or a model; "
                        "pass --resume to continue the run or --force to start over")
+    if force and _occupied(out):
+        fsio.check_replaceable(out, [p for p in inputs if p is not None])
     return None
+
+
+def recover_checkpoints(out: Path) -> None:
+    """Put back a checkpoint whose replacement (a resumed run saving the same step again)
+    was killed between its two renames (ufb_ref.fsio.recover_replaced)."""
+    root = Path(out) / CHECKPOINTS
+    if root.is_dir():
+        for name in sorted({m.group(1) for p in root.iterdir() if (m := _CKPT_TEMP.match(p.name))}):
+            fsio.recover_replaced(root / name)
 
 
 def lock_out(out: Path, world: World):
@@ -520,21 +650,54 @@ def check_training_memory(args: ModelArgs) -> None:
                        "make it smaller (fff_depth, hidden_size, num_layers, vocab_size)")
 
 
-def prepare_out(out: Path, world: World, resume: bool, force: bool) -> tuple[int, Path] | None:
-    """``check_out``, then for a new run create the folder; ``force`` first removes exactly
-    the files a run writes (checkpoints, log, model, tokenizer files)."""
+def memory_limit() -> int | None:
+    """The bytes this process may use: the machine's memory, or less under ``ulimit -v``."""
+    have = physical_memory()
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            have = min(have or soft, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return have
+
+
+def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str,
+                       hint: str = "lower --batch-size") -> None:
+    """Refuse, before anything is written, a step whose activations alone cannot fit: a
+    lower bound (per token and layer the eight (H,) vectors the backward keeps, the
+    embedding; ``predicted`` positions' logits and their gradient over the vocabulary, or
+    the classifier head's) against ``memory_limit()``. MLX may crash instead of raising
+    when an allocation fails, so this is checked up front."""
+    per_token = 4 * (8 * args.hidden_size * max(args.num_layers, 1) + 2 * args.hidden_size)
+    need = tokens * per_token + 2 * 4 * predicted * max(args.vocab_size if args.task == "mlm" else args.num_labels, 1)
+    have = memory_limit()
+    if have and need > have:
+        raise UFBError(f"{what}: one step of {tokens} tokens needs at least {need / 2**30:.1f} GiB of activations, "
+                       f"more than the {have / 2**30:.1f} GiB this process may use; {hint}")
+
+
+def prepare_out(out: Path, world: World, resume: bool, force: bool, inputs=()) -> tuple[int, Path] | None:
+    """``check_out``, then for a new run create the folder and mark it as a run's
+    (``fsio.MARKER``); ``force`` first removes what the marker lists (checkpoints, log,
+    model, tokenizer files), after ``check_out`` has found nothing else there."""
     out = Path(out)
-    found = check_out(out, resume, force)
+    found = check_out(out, resume, force, inputs)
     if resume:
         return found
     occupied = _occupied(out)
     world.barrier()  # every process has checked before rank 0 removes anything
     if world.main:
-        if occupied:
-            shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
-            for f in RUN_FILES:
-                (out / f).unlink(missing_ok=True)
+        if occupied:  # check_out found only what the marker lists (and its temporaries)
+            listed = fsio.marked_files(out) or []
+            for p in out.iterdir():
+                if fsio.listed_entry(p.name, listed):
+                    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         out.mkdir(parents=True, exist_ok=True)
+        fsio.atomic_write_text(out / fsio.MARKER, json.dumps({"written_by": "ultrafastbert-mlx", "kind": "run",
+                                                             "files": list(RUN_ENTRIES)}, indent=2) + "\n")
     world.barrier()
     return None
 
@@ -572,6 +735,8 @@ def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, 
               f"({errors[0]}); resuming from the older {path.name}", file=sys.stderr, flush=True)
     checkpoint = path
     check_resume(state.get("run", {}), run_cfg)
+    if state["step"] > total:  # the run's length is part of its options: only an edited file gets here
+        raise UFBError(f"--resume: {path} claims step {state['step']}, beyond the run's {total} steps")
     logger.truncate_after(state["step"])
     logger.print(f"resuming from {checkpoint} (step {state['step']}/{total})")
     return state

@@ -14,3 +14,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UFBError(f"{message} (see {self.prog} --help)")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a missing required option before an unknown one, so a mistyped
+        # option name ("--promt") would never be named: look for unknown ones first.
+        relaxed = [a for a in (*self._actions, *self._mutually_exclusive_groups) if a.required]
+        for a in relaxed:
+            a.required = False
+        try:
+            extras = self.parse_known_args(args, argparse.Namespace())[1]
+        except UFBError:
+            extras = []  # reported by the full parse below
+        finally:
+            for a in relaxed:
+                a.required = True
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return super().parse_args(args, namespace)

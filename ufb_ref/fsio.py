@@ -106,12 +106,15 @@ def _pid_alive(pid: int) -> bool:
 def clean_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     """Remove the temporary files and folders that writers of ``target`` killed before
     they finished left beside it (``.NAME.tmp-PID-*``, ``.NAME.old-PID-*``). A temporary
-    whose process still runs is kept (a reused PID only delays the clean-up). Returns what
-    was removed."""
+    whose process still runs is kept (a reused PID only delays the clean-up). A replace
+    killed between its two renames left ``target`` missing and the previous version as
+    ``.NAME.old-PID-*``: that is put back (``recover_replaced``), never removed. Returns
+    what was removed."""
     target = Path(target)
     removed = []
     if not target.parent.is_dir():
         return removed
+    recover_replaced(target)
     for p in target.parent.iterdir():
         m = _TEMP.match(p.name)
         if not m or m.group("name") != target.name or _pid_alive(int(m.group("pid"))):
@@ -122,6 +125,31 @@ def clean_stale_temporaries(target: str | os.PathLike) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def recover_replaced(target: str | os.PathLike) -> Path | None:
+    """When ``target`` is missing but a dead writer's ``.NAME.old-PID-*`` (what
+    ``atomic_folder(replace=True)`` renames the previous version to) is there, rename it
+    back to ``target``; returns the restored path (None: nothing to recover)."""
+    target = Path(target)
+    if target.exists() or target.is_symlink() or not target.parent.is_dir():
+        return None
+    olds = []
+    for p in target.parent.iterdir():
+        m = _TEMP.match(p.name)
+        if m and m.group("name") == target.name and ".old-" in p.name and not _pid_alive(int(m.group("pid"))):
+            olds.append(p)
+    if not olds:
+        return None
+    newest = max(olds, key=lambda p: p.lstat().st_mtime_ns)  # the version renamed aside last
+    try:
+        os.rename(newest, target)
+    except OSError as e:
+        if target.exists():  # another process of the same run restored it first
+            return None
+        raise UFBError(f"cannot restore '{target}' from '{newest.name}': {describe_os_error(e)}") from e
+    fsync(target.parent)
+    return target
 
 
 @contextmanager
@@ -136,6 +164,7 @@ def atomic_folder(dest: str | os.PathLike, replace: bool = False, mark: bool = F
     old = None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
+        recover_replaced(dest)  # a replace killed between its renames: the previous version first
         tmp.mkdir()
         yield tmp
         if mark:
@@ -172,7 +201,8 @@ def check_replaceable(dest: str | os.PathLike, inputs: Iterable[str | os.PathLik
     """Raise a one-line UFBError unless ``dest`` may be replaced by a new model folder:
     it must be a real folder (not a file or a symlink), not the current folder or one above
     it, neither inside nor around any of ``inputs``, and either empty or a folder that the
-    project wrote (``MARKER``) holding nothing but the files the marker lists."""
+    project wrote (``MARKER``: a converted model, or a training run whose marker also lists
+    its checkpoints folder) holding nothing but the entries the marker lists."""
     dest = Path(dest)
     if dest.is_symlink():
         raise UFBError(f"--force: '{dest}' is a symlink; refusing to replace it (remove it yourself)")
@@ -191,34 +221,54 @@ def check_replaceable(dest: str | os.PathLike, inputs: Iterable[str | os.PathLik
     entries = sorted(p.name for p in dest.iterdir())
     if not entries:
         return
-    listed = None
-    if (dest / MARKER).is_file() and not (dest / MARKER).is_symlink():
-        try:
-            listed = json.loads((dest / MARKER).read_text()).get("files")
-        except (OSError, ValueError, RecursionError, AttributeError):
-            listed = None
+    listed = marked_files(dest)
     if not isinstance(listed, list):
         raise UFBError(f"--force: '{dest}' is not a model folder written by this project (no {MARKER}); "
                        "refusing to replace it (remove it yourself)")
-    unknown = [e for e in entries if e != MARKER and e not in listed]
+    unknown = [e for e in entries if not listed_entry(e, listed)]
     if unknown:
         raise UFBError(f"--force: '{dest}' holds files this project did not write ('{unknown[0]}'); "
                        "refusing to replace it")
     for e in entries:
         p = dest / e
-        if p.is_symlink() or not p.is_file():
-            raise UFBError(f"--force: '{p}' is not a plain file; refusing to replace '{dest}'")
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            raise UFBError(f"--force: '{p}' is not a plain file or folder; refusing to replace '{dest}'")
+
+
+def listed_entry(name: str, listed: list) -> bool:
+    """``name`` is the marker, an entry it lists, or a writer's temporary of one."""
+    m = _TEMP.match(name)
+    return name == MARKER or name in listed or bool(m and m.group("name") in listed)
+
+
+def marked_files(folder: str | os.PathLike) -> list | None:
+    """The entries that ``folder``'s ``MARKER`` says the project wrote (None: no readable marker)."""
+    folder = Path(folder)
+    listed = None
+    if (folder / MARKER).is_file() and not (folder / MARKER).is_symlink():
+        try:
+            listed = json.loads((folder / MARKER).read_text()).get("files")
+        except (OSError, ValueError, RecursionError, AttributeError):
+            listed = None
+    if not isinstance(listed, list) or not all(isinstance(e, str) for e in listed):
+        return None
+    return listed
 
 
 @contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
-    """Hold the advisory write lock of ``folder`` (a hidden sibling ``.NAME.lock``) for the
-    block; a UFBError at once if another process holds it."""
+    """Hold the advisory write lock of ``folder`` (a hidden sibling ``.NAME.lock`` of the
+    resolved path, symlinks followed) for the block; a UFBError at once if another process
+    holds it."""
     from filelock import FileLock, Timeout
 
-    folder = Path(folder).absolute()
-    if not folder.name or folder.name in (".", ".."):
-        folder = folder.resolve()
+    # The resolved path: a run on a folder and one on a symlink to it share one lock.
+    try:
+        folder = Path(folder).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop
+        raise UFBError(f"cannot lock '{folder}': {e}") from e
+    if not folder.name:
+        raise UFBError(f"cannot write '{folder}': the root folder is not an output folder")
     lock_path = folder.with_name(f".{folder.name}.lock")
     above = next((p for p in folder.parents if p.exists()), None)
     if above is not None and not above.is_dir():

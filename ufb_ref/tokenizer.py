@@ -46,6 +46,12 @@ class Tokenizer:
         if missing:
             raise UFBError(f"{path}: tokenizer has no '{missing[0]}' token")
         self.special_ids = {n: i for n, i in ids.items() if i is not None}
+        # WordPiece maps an unknown word to its unk_token; one missing from the vocabulary
+        # makes every text with such a word fail deep inside `tokenizers` (fast paths that
+        # call it directly, as fine-tuning's and pretraining's batch encoding, included).
+        unk = getattr(self._tok.model, "unk_token", None)
+        if isinstance(unk, str) and self._tok.token_to_id(unk) is None:
+            raise UFBError(f"{path}: the tokenizer's unk_token {unk[:40]!r} is not in its vocabulary")
         self.model_vocab_size = vocab_size
         self._encode("a", "b")  # a template naming tokens it does not define fails here, not later
         if vocab_size is not None:
