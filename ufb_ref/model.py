@@ -12,7 +12,7 @@ import math
 import numpy as np
 
 from . import fff as fff_lib
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, model_location
 from .config import ModelArgs
 from .errors import UFBError
 
@@ -157,7 +157,8 @@ class Model:
 
 
 def load(path_or_hub_id, dtype=np.float32, mode: str = "descent", allow_nonfinite: bool = False):
-    """(Model, Tokenizer) from a converted folder, a Hub-layout folder or a Hub repo id.
-    Weights holding NaN or Inf are refused unless ``allow_nonfinite``."""
-    ckpt = load_checkpoint(path_or_hub_id, allow_nonfinite=allow_nonfinite)
+    """(Model, Tokenizer) from a converted folder, a Hub-layout folder, a Hub repo id or
+    "demo" (the model shipped in ufb_mlx). Weights holding NaN or Inf are refused unless
+    ``allow_nonfinite``."""
+    ckpt = load_checkpoint(model_location(path_or_hub_id), allow_nonfinite=allow_nonfinite)
     return Model(ckpt.args, ckpt.weights, dtype=dtype, mode=mode), ckpt.tokenizer
