@@ -190,6 +190,22 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary left beside the checkpoints
 
 
+def test_checkpoints_kept_while_training_and_after(tmp_path):
+    """While training, --keep 0 still keeps the newest checkpoint (what --resume needs);
+    once the run has finished, exactly the newest --keep remain (0: none, nor their folder)."""
+    model = _tiny_model()
+    opt = train.make_optimizer(train.make_schedule("constant", 1e-3, 4, 0.0))
+    mx.eval(model.parameters())
+    for keep, after in ((0, []), (2, [3, 4]), (9, [1, 2, 3, 4])):
+        out = tmp_path / f"keep{keep}"
+        for s in range(1, 5):
+            train.save_checkpoint(out, s, model, opt, {}, keep=keep)
+            assert [n for n, _ in train.list_checkpoints(out)] == list(range(max(1, s - max(keep, 1) + 1), s + 1))
+        train.prune_checkpoints(out, keep)
+        assert [n for n, _ in train.list_checkpoints(out)] == after
+        assert (out / "checkpoints").exists() == bool(after)
+
+
 def test_single_process_world():
     w = train.World()
     assert (w.rank, w.size, w.main) == (0, 1, True)

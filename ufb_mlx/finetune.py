@@ -35,7 +35,7 @@ from mlx.utils import tree_flatten
 from ufb_ref import fsio
 from ufb_ref.checkpoint import CONFIG_FILE, resolve
 from ufb_ref.config import ModelArgs
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.tokenizer import pad_batch
 
 from . import data, metrics, train
@@ -105,7 +105,7 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
+    p = ArgumentParser(prog=command_name("ufb_mlx.finetune"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEMO,
                    help="model folder, Hub id or 'demo' (the model shipped in the package; default); "
@@ -151,13 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(a) -> None:
     positive = {"--batch-size": a.batch_size, "--eval-batch-size": a.eval_batch_size, "--log-every": a.log_every,
-                "--keep": a.keep, **{k: v for k, v in (("--epochs", a.epochs), ("--max-steps", a.max_steps))
+                **{k: v for k, v in (("--epochs", a.epochs), ("--max-steps", a.max_steps))
                                      if v is not None}}
     for name, v in positive.items():
         if v < 1:
             raise UFBError(f"{name} must be at least 1, got {v}")
     if a.save_every < 0:
         raise UFBError(f"--save-every must be >= 0, got {a.save_every}")
+    if a.keep < 0:
+        raise UFBError(f"--keep must be >= 0, got {a.keep}")
     if a.lr is not None and not (a.lr > 0 and math.isfinite(a.lr)):
         raise UFBError(f"--lr must be positive, got {a.lr}")
     if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0:
@@ -305,15 +307,18 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             save_model(out, model, model.args, tok.path.parent)
             best = {"metric": None, "value": None, "step": step, "epoch": epoch, "metrics": None}
         if epoch_end or (a.save_every and step % a.save_every == 0) or step == total:
-            if world.main:
-                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
-                logger.print(f"checkpoint step {step} -> {path}")
-            logger.record("checkpoint", step=step)
-            world.barrier()
+            checkpoint(step)
+
+    def checkpoint(step):
+        if world.main:
+            path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
+            logger.print(f"checkpoint step {step} -> {path}")
+        logger.record("checkpoint", step=step)
+        world.barrier()
 
     train.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
                  after_step=after_step, log_every=a.log_every,
-                 describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
+                 describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}", checkpoint=checkpoint, keep=a.keep)
     if world.main:
         fsio.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
     if best["value"] is not None:

@@ -20,12 +20,10 @@ Under ``mlx.launch -n N`` the processes train data-parallel (--batch-size is per
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import hashlib
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from mlx.utils import tree_flatten
 
 from ufb_ref.checkpoint import read_json_object, resolve
 from ufb_ref.config import ModelArgs
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.tokenizer import Tokenizer
 
 from . import data, train
@@ -73,7 +71,7 @@ def config_from(spec: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ufb_mlx.pretrain", description=__doc__,
+    p = ArgumentParser(prog=command_name("ufb_mlx.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", nargs="+", required=True, help="text files and/or folders")
     p.add_argument("--out", required=True, help="output folder: the model, checkpoints, log.jsonl")
@@ -106,9 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a) -> None:
-    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "save_every", "keep"):
+    for name in ("steps", "batch_size", "eval_every", "eval_batch_size", "log_every", "save_every"):
         if getattr(a, name) < 1:
             raise UFBError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    if a.keep < 0:
+        raise UFBError(f"--keep must be >= 0, got {a.keep}")
     if not (a.lr > 0 and math.isfinite(a.lr)):
         raise UFBError(f"--lr must be positive, got {a.lr}")
     if not all(0 <= b < 1 for b in a.betas) or a.eps <= 0 or a.weight_decay < 0 or a.grad_clip < 0:
@@ -177,7 +177,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     # Tokenizer: the model's, a given one, the interrupted run's, or a new one.
     logger = train.Logger(out, world, a.quiet)
-    hf = None
+    hf = tok_tmp = None
     if base_tok is not None:
         tok, tok_src = base_tok, base_tok.path.parent
     elif a.tokenizer:
@@ -195,10 +195,11 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         hf = data.train_wordpiece(lines, target) if world.main else None
         logger.print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
         text = world.broadcast_text(hf.to_str() if world.main else None)
-        tmp_dir = tempfile.mkdtemp(prefix="ufb-tokenizer-")  # read again while packing
-        atexit.register(shutil.rmtree, tmp_dir, True)
-        (Path(tmp_dir) / "tokenizer.json").write_text(text)
-        tok, tok_src = Tokenizer(tmp_dir), None
+        # Read again while packing, then removed (on every way out of main, too).
+        tok_tmp = tempfile.TemporaryDirectory(prefix="ufb-tokenizer-")
+        held.callback(tok_tmp.cleanup)
+        (Path(tok_tmp.name) / "tokenizer.json").write_text(text)
+        tok, tok_src = Tokenizer(tok_tmp.name), None
     if base is None:
         if a.config is None or a.config in PRESETS:
             cfg["vocab_size"] = tok.vocab_size  # presets take the tokenizer's vocabulary
@@ -223,6 +224,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         perm = np.random.default_rng([a.seed, 7]).permutation(len(blocks))
         n_valid = max(1, int(round(a.valid_fraction * len(blocks))))
         valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
+    if tok_tmp is not None:  # packed: a kill during training leaves no copy behind
+        tok_tmp.cleanup()
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
     held.enter_context(train.lock_out(out, world))
@@ -297,15 +300,18 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             logger.print(f"eval step {step} | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
             logger.record("eval", step=step, **res)
         if step % a.save_every == 0 or step == a.steps:
-            if world.main:
-                save_model(out, model, args, tok_src)
-                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
-                logger.print(f"checkpoint step {step} -> {path}")
-            logger.record("checkpoint", step=step)
-            world.barrier()
+            checkpoint(step)
+
+    def checkpoint(step):
+        if world.main:
+            save_model(out, model, args, tok_src)
+            path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
+            logger.print(f"checkpoint step {step} -> {path}")
+        logger.record("checkpoint", step=step)
+        world.barrier()
 
     train.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
-                 after_step=after_step, log_every=a.log_every)
+                 after_step=after_step, log_every=a.log_every, checkpoint=checkpoint, keep=a.keep)
     logger.print(f"model saved in {out}")
     return 0
 
