@@ -3,6 +3,7 @@ timed, the reference-BLAS guard, the plot. Nothing here asserts anything about s
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -212,7 +213,7 @@ def test_harness_blocks_time_consecutive_calls_in_three_rounds():
     assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb"
 
 
-class Terminal(__import__("io").StringIO):
+class Terminal(io.StringIO):
     def isatty(self):
         return True
 

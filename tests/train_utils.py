@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,10 @@ def mlx_launch(n: int, module: str, *args, timeout: float = 180) -> subprocess.C
     target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", "ring", "-n", str(n),
            "-p", str(free_port()), sys.executable, *target, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    # mlx.launch leaves its host and port files in the temporary folder: give it one that goes
+    with tempfile.TemporaryDirectory(prefix="ufb-launch-") as tmp:
+        return subprocess.run(cmd, cwd=REPO, env={**env(), "TMPDIR": tmp}, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
