@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
@@ -244,6 +245,19 @@ def test_mlx_model_checks_token_ids_like_the_reference(bad):
     for m in (model, ref):
         with pytest.raises(UFBError, match=r"input_ids outside the vocabulary \[0, 899\)"):
             m(ids)
+
+
+@pytest.mark.parametrize("bad", [899, -1, 2**31 - 1])
+def test_unknown_ids_in_an_mlx_array_poison_their_sequence(bad):
+    """An MLX array is not checked on the host (that would sync every forward): the
+    unknown id reads no memory outside the table, and its sequence's logits are NaN
+    while the other sequences are exactly as in the same batch without it."""
+    model, _ = ufb_mlx.load(MLM)
+    good = np.array([[1, 7, 9, 12]], dtype=np.int32)
+    ids = mx.array(np.concatenate([good, [[1, 7, bad, 12]]]).astype(np.int32))
+    out = np.array(model(ids))
+    assert np.isnan(out[1]).all()
+    np.testing.assert_array_equal(out[0], np.array(model(mx.array(np.concatenate([good, good]))))[0])
 
 
 def test_huge_text_is_refused_before_tokenising():

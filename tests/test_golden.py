@@ -193,15 +193,29 @@ def test_float64_reference_agrees_with_float32_backends(mlm_cases):
     np.testing.assert_allclose(np.array(mm(ids, attention_mask=mask)), truth, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("task", ["mlm", "cls"])
-def test_training_step_minimises_the_golden_loss(mlm_cases, cls_cases, task):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("task", ["mlm", "mlm_at", "cls"])
+def test_training_step_minimises_the_golden_loss(mlm_cases, cls_cases, task, compiled):
     """The trainer's loss is the golden-tested one: a step on the golden batch (scale =
-    1 / count, as one process) reports the stored loss (same 1e-5 bound)."""
+    1 / count, as one process) reports the stored loss (same 1e-5 bound), eagerly and as
+    the compiled step. "mlm_at" is pretraining's form: the labelled positions padded to a
+    fixed count with weight 0 (ufb_mlx.data.label_positions)."""
+    from ufb_mlx import data
+    from ufb_mlx.model import mlm_loss_at
     from ufb_mlx.train import Trainer, World, make_optimizer
 
-    cases, folder, loss = (mlm_cases, MLM, mlm_loss) if task == "mlm" else (cls_cases, CLS, classification_loss)
+    cases, folder = (cls_cases, CLS) if task == "cls" else (mlm_cases, MLM)
+    loss = {"mlm": mlm_loss, "mlm_at": mlm_loss_at, "cls": classification_loss}[task]
     model, _ = ufb_mlx.load(folder)
-    count = int((cases["labels"] != -100).sum()) if task == "mlm" else len(cases["labels"])
-    trainer = Trainer(model, make_optimizer(lambda step: mx.array(0.0)), loss, World(), seed=0)
-    batch = {k: cases[k] for k in ("input_ids", "attention_mask", "labels")}
+    count = len(cases["labels"]) if task == "cls" else int((cases["labels"] != -100).sum())
+    trainer = Trainer(model, make_optimizer(lambda step: mx.array(0.0)), loss, World(), seed=0, compile=compiled)
+    batch = {k: mx.array(cases[k]) for k in ("input_ids", "attention_mask", "labels")}
+    if task == "mlm_at":
+        labels = batch.pop("labels")
+        pos, targets, weights = data.label_positions(np.array(labels), count + 5)
+        assert weights.sum() == count and len(weights) == count + 5  # padding present, and weighted out
+        batch.update(positions=mx.array(pos), targets=mx.array(targets), weights=mx.array(weights))
+    elif task == "mlm":
+        batch["labels"] = cases["labels"]  # host labels: mlm_loss selects the positions with NumPy
     assert abs(trainer.step(1, batch, 1.0 / count) - float(cases["loss"])) < ATOL
+    assert trainer.compile == (compiled and task != "mlm")  # host data runs the eager step

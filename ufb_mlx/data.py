@@ -365,6 +365,29 @@ class Masker:
         return inputs.astype(np.int32), labels
 
 
+def position_capacity(tokens: int, mask_rate: float) -> int:
+    """A fixed number of predicted positions per batch of ``tokens`` tokens that a
+    Masker's draw exceeds with negligible probability: the mean plus 8 standard deviations
+    of the binomial count, rounded up to a multiple of 64. One count means one shape for a
+    compiled training step; a batch above it is padded to its own count instead."""
+    mean = mask_rate * tokens
+    return int(math.ceil((mean + 8 * math.sqrt(tokens * mask_rate * (1 - mask_rate)) + 1) / 64) * 64)
+
+
+def label_positions(labels: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat positions, targets, weights) of the labelled tokens of ``labels`` (B, S), in
+    row-major order, padded with position 0, target 0 and weight 0 to ``capacity`` (or to
+    the count, if more)."""
+    flat = labels.reshape(-1)
+    positions = np.flatnonzero(flat != -100)
+    size = max(capacity, len(positions))
+    pos = np.zeros(size, dtype=np.int32)
+    targets = np.zeros(size, dtype=np.int32)
+    weights = np.zeros(size, dtype=np.float32)
+    pos[:len(positions)], targets[:len(positions)], weights[:len(positions)] = positions, flat[positions], 1.0
+    return pos, targets, weights
+
+
 # ---------------------------------------------------------------------------------------
 # A WordPiece tokenizer like the released model's
 

@@ -16,7 +16,7 @@ from ufb_ref import fsio
 from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, SafetensorsFile, load_checkpoint
 from ufb_ref.config import ModelArgs
 from ufb_ref.errors import UFBError
-from ufb_ref.model import sinusoidal_table
+from ufb_ref.model import check_inputs as ref_check_inputs, sinusoidal_table
 
 from . import backend as backend_lib
 from . import cpu_kernels
@@ -71,7 +71,13 @@ class Embedding(nn.Module):
         self.pad_token_id = args.pad_token_id
 
     def __call__(self, input_ids):
-        x = self.word_embedding(input_ids)
+        # An id outside the table must never be read (MLX's gather does not check), and
+        # checking on the host would cost a sync per forward: such a token reads row 0 and
+        # its vector becomes NaN, which spreads to its sequence's outputs.
+        vocab = self.word_embedding.weight.shape[0]
+        known = (input_ids >= 0) & (input_ids < vocab)
+        x = self.word_embedding(mx.where(known, input_ids, 0))
+        x = mx.where(known[..., None], x, mx.array(float("nan"), x.dtype))
         # torch's padding_idx: the padding row gets no gradient through the lookup (it
         # still gets one through the tied decoder).
         x = mx.where((input_ids == self.pad_token_id)[..., None], mx.stop_gradient(x), x)
@@ -227,17 +233,18 @@ class Model(nn.Module):
 
 
 def check_inputs(input_ids, attention_mask, args: ModelArgs):
-    """Accepts NumPy or MLX integer arrays, (B, S) or (S,); returns MLX arrays."""
-    ids = input_ids if isinstance(input_ids, mx.array) else mx.array(np.asarray(input_ids))
-    if ids.ndim == 1:
-        ids = ids[None]
+    """Accepts NumPy or MLX integer arrays, (B, S) or (S,); returns MLX arrays. Host data
+    is checked in full by the reference's ``check_inputs`` (vocabulary range included);
+    an MLX array only for dtype and shape, since its values would need a device sync (the
+    embedding makes an unknown id's token NaN instead of reading out of bounds)."""
+    if not isinstance(input_ids, mx.array):
+        ids, mask = ref_check_inputs(input_ids, attention_mask, args)
+        return mx.array(ids), mx.array(mask)
+    ids = input_ids[None] if input_ids.ndim == 1 else input_ids
     if ids.ndim != 2 or not mx.issubdtype(ids.dtype, mx.integer):
         raise UFBError(f"input_ids must be an integer array (batch, seq), got {ids.dtype} {tuple(ids.shape)}")
     if ids.shape[1] > args.max_seq_length:
         raise UFBError(f"sequence length {ids.shape[1]} exceeds max_seq_length {args.max_seq_length}")
-    # An id outside the table would read out of bounds (MLX's gather does not check).
-    if ids.size and (mx.min(ids).item() < 0 or mx.max(ids).item() >= args.vocab_size):
-        raise UFBError(f"input_ids outside the vocabulary [0, {args.vocab_size})")
     if attention_mask is None:
         mask = mx.ones(ids.shape, dtype=mx.int32)
     else:
@@ -281,19 +288,32 @@ def masked_lm_logits(model: Model, input_ids, attention_mask, labels):
     row-major order, and those labels). The decoder runs on those positions only."""
     labels_np = np.asarray(labels).reshape(-1)
     positions = np.flatnonzero(labels_np != IGNORE_INDEX)
+    return mlm_logits_at(model, input_ids, attention_mask, mx.array(positions)), mx.array(labels_np[positions])
+
+
+def mlm_logits_at(model: Model, input_ids, attention_mask, positions):
+    """float32 MLM logits at ``positions``, flat indices into the (B, S) tokens."""
     hidden = model.encode(input_ids, attention_mask)
-    h = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
-    return model.mlm_logits(h).astype(mx.float32), mx.array(labels_np[positions])
+    h = hidden.reshape(-1, hidden.shape[-1])[positions]
+    return model.mlm_logits(h).astype(mx.float32)
 
 
 def mlm_loss(model: Model, input_ids, attention_mask, labels, reduction: str = "mean"):
     """Cross-entropy of the MLM head over every labelled position (label != -100).
     "mean" is the original's loss (it keeps round(0.25 * B * S) positions; the two agree
-    whenever at most that many are labelled); training sums ("sum") over a process's
-    slice and divides by the global count. A sum over no labelled position is 0."""
+    whenever at most that many are labelled). A sum over no labelled position is 0."""
     if reduction == "mean" and not (np.asarray(labels) != IGNORE_INDEX).any():
         raise UFBError("mlm_loss: no labelled positions")
     return reduce_losses(example_losses(*masked_lm_logits(model, input_ids, attention_mask, labels)), reduction)
+
+
+def mlm_loss_at(model: Model, input_ids, attention_mask, positions, targets, weights, reduction: str = "sum"):
+    """``mlm_loss`` with the labelled positions given (``ufb_mlx.data.label_positions``):
+    flat ``positions``, their ``targets`` and ``weights`` (0 for padding). A batch's
+    positions are padded to a fixed count, so a compiled training step sees one shape;
+    training sums over a process's slice and divides by the global count."""
+    per = example_losses(mlm_logits_at(model, input_ids, attention_mask, positions), targets)
+    return reduce_losses(per, reduction, weights)
 
 
 def classification_loss(model: Model, input_ids, attention_mask, labels, reduction: str = "mean", weights=None):

@@ -42,7 +42,7 @@ from . import data, train
 from .entry import console
 from .evaluate import evaluate_mlm
 from .progress import Progress
-from .model import FFF_MODES, Model, load, model_location, mlm_loss, save_model
+from .model import FFF_MODES, Model, load, model_location, mlm_loss_at, save_model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
@@ -248,7 +248,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     schedule = train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
     optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)
-    trainer = train.Trainer(model, optimizer, mlm_loss, world, a.seed, a.grad_clip)
+    trainer = train.Trainer(model, optimizer, mlm_loss_at, world, a.seed, a.grad_clip)
     run_cfg = train.fingerprint(a, ("corpus", "valid", "tokenizer"),
                                 model_config={k: v for k, v in cfg.items() if k != "source"},
                                 tokenizer_hash=_tokenizer_hash(tok), data=hashlib.sha256(blocks.tobytes()).hexdigest()[:16],
@@ -285,13 +285,16 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                 orders[int(e)] = data.epoch_order(n, a.seed, int(e))
         return np.array([orders[int(e)][w] for e, w in zip(epochs, within)])
 
+    capacity = data.position_capacity(a.batch_size * seq, a.mask_rate)
+
     def get_batch(step):
         inputs, labels = masker(blocks[rows_of(step)], np.random.default_rng([a.seed, step]))
         count = int((labels != -100).sum())
         local = data.shard(np.arange(global_batch), world.rank, world.size)
         # A slice without a masked token adds 0 to the loss sum (and zero gradients).
+        positions, targets, weights = data.label_positions(labels[local], capacity)
         batch = {"input_ids": mx.array(inputs[local]), "attention_mask": mx.ones(inputs[local].shape, dtype=mx.int32),
-                 "labels": labels[local]}
+                 "positions": mx.array(positions), "targets": mx.array(targets), "weights": mx.array(weights)}
         return batch, world.size / max(count, 1), global_batch * seq
 
     def after_step(step):

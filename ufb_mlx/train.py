@@ -209,37 +209,79 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 1_009 + int(rank)) % (2**63)
 
 
+def all_finite(*trees):
+    """One boolean array: every leaf of every tree is finite (no NaN, no inf)."""
+    ok = mx.array(True)
+    for tree in trees:
+        for _, v in tree_flatten(tree):
+            ok = ok & mx.all(mx.isfinite(v))
+    return ok
+
+
 class Trainer:
-    """One optimisation step of the task's loss (``ufb_mlx.model.mlm_loss`` or
+    """One optimisation step of the task's loss (``ufb_mlx.model.mlm_loss_at`` or
     ``classification_loss``), called as ``loss(model, **batch, reduction="sum")``: this
     process's loss sum, times ``scale`` (= processes / global count), so that averaging the
-    gradients over the processes gives the gradient of the global mean."""
+    gradients over the processes gives the gradient of the global mean.
 
-    def __init__(self, model, optimizer, loss, world: World, seed: int, grad_clip: float = 0.0):
+    On one process the whole step (value and gradient, clipping, update, the finiteness
+    check) is one ``mx.compile``d function of the model's and optimizer's state, traced
+    once per batch shape: no host sync inside it and no per-step graph building in
+    Python. ``compile=False`` runs the same step eagerly (data-parallel runs do, since the
+    gradient all-reduce runs between the gradient and the update)."""
+
+    def __init__(self, model, optimizer, loss, world: World, seed: int, grad_clip: float = 0.0,
+                 compile: bool = True):
         self.model, self.optimizer, self.world = model, optimizer, world
         self.seed, self.grad_clip = seed, grad_clip
+        self.compile = compile and world.size == 1
         self._value_and_grad = nn.value_and_grad(
             model, lambda model, batch, scale: loss(model, **batch, reduction="sum") * scale)
+        self._compiled = None
+        self._compiled_for = None
 
-    def step(self, step: int, batch: dict, scale: float) -> float:
-        """One update; a NonFiniteLoss, before the update, when the loss or a gradient is NaN
-        or infinite (the weights and every checkpoint stay as they were)."""
-        mx.random.seed(step_seed(self.seed, step, self.world.rank))
-        self.model.train()
+    def _update(self, batch, scale):
+        """Loss, gradients, clipping and update; returns (loss, every value finite). The
+        finiteness covers the loss, the gradients and the updated parameters, so that a
+        step that overflows in the update itself (an extreme learning rate or epsilon)
+        is caught too."""
         loss, grads = self._value_and_grad(self.model, batch, scale)
         if self.world.size > 1:
             grads = nn.average_gradients(grads, group=self.world.group)
-        # The averaged gradients are the same on every process, so all stop together.
-        finite = mx.array(True)
-        for _, g in tree_flatten(grads):
-            finite = finite & mx.all(mx.isfinite(g))
-        mx.eval(loss, finite)
-        if not finite.item() or (self.world.size == 1 and not math.isfinite(loss.item())):
-            raise NonFiniteLoss(step, loss.item())
+        finite = all_finite(loss, grads)
         if self.grad_clip > 0:
             grads, _ = optim.clip_grad_norm(grads, self.grad_clip)
         self.optimizer.update(self.model, grads)
-        mx.eval(loss, self.model.parameters(), self.optimizer.state)
+        return loss, finite & all_finite(self.model.trainable_parameters())
+
+    def _state_identity(self) -> tuple:
+        """The optimizer's state dicts (a MultiOptimizer has one per part): a resume
+        replaces them, and a compiled step must then be rebuilt to read the new ones."""
+        state = self.optimizer.state
+        return tuple(map(id, state["states"])) if "states" in state else (id(state),)
+
+    def _compiled_update(self):
+        if self._compiled is None or self._compiled_for != self._state_identity():
+            # The state's structure must be complete before it is traced (init keeps the
+            # moments a resume restored).
+            self.optimizer.init(self.model.trainable_parameters())
+            state = [self.model.state, self.optimizer.state, mx.random.state]
+            self._compiled = mx.compile(self._update, inputs=state, outputs=state)
+            self._compiled_for = self._state_identity()
+        return self._compiled
+
+    def step(self, step: int, batch: dict, scale: float) -> float:
+        """One update; a NonFiniteLoss when the loss, a gradient or an updated weight is
+        NaN or infinite (the run stops: nothing after that update is saved)."""
+        mx.random.seed(step_seed(self.seed, step, self.world.rank))
+        self.model.train()
+        if self.compile and not all(isinstance(v, mx.array) for v in batch.values()):
+            self.compile = False  # host data (e.g. mlm_loss's NumPy labels) cannot be traced
+        update = self._compiled_update() if self.compile else self._update
+        loss, finite = update(batch, mx.array(scale, dtype=mx.float32))
+        mx.eval(loss, finite, self.model.parameters(), self.optimizer.state)
+        if not finite.item():
+            raise NonFiniteLoss(step, loss.item())
         return loss.item()
 
 
