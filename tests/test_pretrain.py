@@ -91,7 +91,8 @@ def test_kill_and_resume_is_bit_identical(corpus, tmp_path):
     run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, cut, *keep), "checkpoint step 20",
                      extra_env={"TMPDIR": str(tmp_path / "tmp")})
     assert max(r["step"] for r in read_log(cut) if r["event"] == "train") < 80
-    assert list((tmp_path / "tmp").iterdir()) == []
+    # (mlx: MLX's cache of compiled CPU kernels, one folder that every run reuses)
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name != "mlx"] == []
     out, err = run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, ctrl_c, *keep, "--save-every", "1000"),
                                 "step 5/80", sig=signal.SIGINT)
     (step, path), = list_checkpoints(ctrl_c)
