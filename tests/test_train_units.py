@@ -319,3 +319,23 @@ def test_an_update_that_overflows_stops_training(compiled):
     weights infinite: the step reports a NonFiniteLoss instead of returning as if trained."""
     with pytest.raises(train.NonFiniteLoss, match="step 1"):
         _steps(compiled, lr=1e38, steps=1)
+
+
+def test_evaluations_report_their_progress():
+    """Every held-out block (or text) is counted once, batches without a label included,
+    and the figures are those of a run without progress."""
+    from ufb_mlx.evaluate import evaluate_classifier, evaluate_mlm
+
+    model = _tiny_model()
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(7, 30, (10, 8)).astype(np.int32)
+    labels = np.full((10, 8), -100, dtype=np.int32)
+    labels[:4, 2] = inputs[:4, 2]  # the last batches hold no label
+    seen = []
+    with_progress = evaluate_mlm(model, inputs, labels, batch_size=3, on_batch=seen.append)
+    assert seen == [3, 3, 3, 1] and with_progress == evaluate_mlm(model, inputs, labels, batch_size=3)
+    cls = ufb_mlx.Model(ModelArgs(hidden_size=16, num_layers=1, num_heads=2, vocab_size=30, max_seq_length=8,
+                                  fff_depth=2, task="classification", num_labels=2, head_dim=8))
+    seen.clear()
+    evaluate_classifier(cls, [[7, 8, 9]] * 5, [0, 1, 0, 1, 0], pad_id=0, batch_size=2, on_batch=seen.append)
+    assert seen == [2, 2, 1]

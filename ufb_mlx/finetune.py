@@ -293,7 +293,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         epoch_end = step % steps_per_epoch == 0 or step == total  # (--max-steps may end mid-epoch)
         epoch = (step - 1) // steps_per_epoch + 1
         if epoch_end and valid_ex:
-            res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)
+            with logger.phase(len(x_valid), "evaluating", "text") as progress:
+                res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size, progress.update)
             improved = metrics.is_better(a.metric, res[a.metric], best["value"], res["loss"],
                                    (best["metrics"] or {}).get("loss"))
             if improved:

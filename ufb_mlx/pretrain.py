@@ -264,7 +264,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                      + (f" x {world.size} processes" if world.size > 1 else ""))
         logger.record("start", step=0, total_steps=a.steps, processes=world.size, blocks=len(blocks),
                       valid_blocks=len(valid), vocab_size=args.vocab_size)
-        res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size)
+        with logger.phase(len(valid_inputs), "evaluating", "block") as progress:
+            res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size, progress.update)
         logger.print(f"eval step 0 | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
         logger.record("eval", step=0, **res)
     if start >= a.steps:
@@ -299,7 +300,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     def after_step(step):
         if step % a.eval_every == 0 or step == a.steps:
-            res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size)
+            with logger.phase(len(valid_inputs), "evaluating", "block") as progress:
+                res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size, progress.update)
             logger.print(f"eval step {step} | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
             logger.record("eval", step=step, **res)
         if step % a.save_every == 0 or step == a.steps:

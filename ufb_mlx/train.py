@@ -341,6 +341,11 @@ class Logger:
                                  enabled=self.world.main and not self.quiet, interval=None)
         return self.progress
 
+    def phase(self, total: int, desc: str, unit: str) -> Progress:
+        """The progress of other long work of the run (an evaluation): a bar under the
+        training bar on a terminal, else a line every 10 seconds."""
+        return Progress(total, desc, unit, file=sys.stdout, enabled=self.world.main and not self.quiet)
+
     def record(self, event: str, **values) -> None:
         if self.world.main:
             stamp = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
