@@ -3,9 +3,9 @@
 #include <memory>
 #include <stdexcept>
 
-#include "dense.h"
-#include "kernels.h"
+#include "loops.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "row_major.h"
 #include "threads.h"
 
 namespace ufb {
@@ -23,7 +23,8 @@ std::vector<mx::array> attention(const mx::array& qkv, const mx::array& mask, in
   const int H = qkv.shape(2) / 3;
   return mx::array::make_arrays({{B, S, H}, {B, heads, S}}, {mx::float32, mx::float32},
                                 std::make_shared<Attention>(stream, heads, scale),
-                                {mx::astype(qkv, mx::float32, stream), mx::astype(mask, mx::float32, stream)});
+                                {row_major(mx::astype(qkv, mx::float32, stream), stream),
+                                 row_major(mx::astype(mask, mx::float32, stream), stream)});
 }
 
 namespace {
@@ -38,8 +39,13 @@ AttnArgs args_for(const mx::array& qkv, int heads, float scale) {
   return a;
 }
 
-void run_pairs(const AttnArgs& a, void (*const fn)(const AttnArgs&, int64_t, int64_t)) {
-  parallel_for(a.B * a.heads, num_threads(), [&](int64_t i) { fn(a, i / a.heads, i % a.heads); });
+// Every (batch, head) pair, each thread with its own scratch.
+void run_pairs(const AttnArgs& a, int64_t (*const scratch_floats)(const AttnArgs&),
+               void (*const fn)(const AttnArgs&, int64_t, int64_t, float*)) {
+  const int64_t pairs = a.B * a.heads;
+  const int threads = num_threads();
+  const Scratch scratch(slots(pairs, threads), scratch_floats(a));
+  parallel_for(pairs, threads, [&](int64_t i, int slot) { fn(a, i / a.heads, i % a.heads, scratch[slot]); });
 }
 
 }  // namespace
@@ -52,12 +58,9 @@ void Attention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([a, qkv = inputs[0], mask = inputs[1]]() mutable {
-    std::vector<char> s0, s1;
-    a.qkv = row_major_f32(qkv, s0);
-    a.mask = row_major_f32(mask, s1);
-    run_pairs(a, table().attention_forward);
-  });
+  a.qkv = row_major_data<float>(inputs[0], "qkv");
+  a.mask = row_major_data<float>(inputs[1], "mask");
+  enc.dispatch([a]() { run_pairs(a, table().attention_forward_scratch, table().attention_forward); });
 }
 
 void Attention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -82,7 +85,7 @@ std::vector<mx::array> Attention::vjp(const std::vector<mx::array>& primals, con
       out.push_back(mx::array(primals[0].shape(), mx::float32,
                               std::make_shared<AttentionBackward>(stream(), heads_, scale_),
                               {primals[0], primals[1], outputs[0], outputs[1],
-                               mx::astype(cotangents[0], mx::float32, stream())}));
+                               row_major(mx::astype(cotangents[0], mx::float32, stream()), stream())}));
     } else {  // the additive mask is a constant of the input, not a parameter
       out.push_back(mx::zeros_like(primals[i], stream()));
     }
@@ -97,15 +100,12 @@ void AttentionBackward::eval_cpu(const std::vector<mx::array>& inputs, mx::array
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   enc.set_output_array(out);
-  enc.dispatch([a, inputs]() mutable {
-    std::vector<char> s[5];
-    a.qkv = row_major_f32(inputs[0], s[0]);
-    a.mask = row_major_f32(inputs[1], s[1]);
-    a.out = const_cast<float*>(row_major_f32(inputs[2], s[2]));
-    a.lse = const_cast<float*>(row_major_f32(inputs[3], s[3]));
-    a.dout = row_major_f32(inputs[4], s[4]);
-    run_pairs(a, table().attention_backward);
-  });
+  a.qkv = row_major_data<float>(inputs[0], "qkv");
+  a.mask = row_major_data<float>(inputs[1], "mask");
+  a.out = const_cast<float*>(row_major_data<float>(inputs[2], "out"));  // read only here
+  a.lse = const_cast<float*>(row_major_data<float>(inputs[3], "lse"));
+  a.dout = row_major_data<float>(inputs[4], "dout");
+  enc.dispatch([a]() { run_pairs(a, table().attention_backward_scratch, table().attention_backward); });
 }
 
 void AttentionBackward::eval_gpu(const std::vector<mx::array>&, mx::array&) {

@@ -7,7 +7,8 @@
 #include "attention_cpu.h"
 #include "fff_cpu.h"
 #include "norm_cpu.h"
-#include "kernels.h"
+#include "loops.h"
+#include "mlx/stream.h"
 #include "mlx/transforms.h"
 #include "mlx/version.h"
 #include "threads.h"
@@ -17,6 +18,13 @@ using namespace nb::literals;
 
 #define UFB_STR2(s) #s
 #define UFB_STR(s) UFB_STR2(s)
+
+// Waits for the kernels queued on the CPU's default stream, the one the primitives take
+// when given none. synchronize() alone waits for the default device's stream, which on a
+// Mac is the GPU's, while CPU work may still run.
+static void sync_cpu_stream() {
+  mlx::core::synchronize(mlx::core::default_stream(mlx::core::Device::cpu));
+}
 
 NB_MODULE(_ext, m) {
   m.doc() = "Fused CPU kernels of UltraFastBERT-MLX (MLX extension primitives)";
@@ -38,12 +46,12 @@ NB_MODULE(_ext, m) {
     return out;
   }, "Every instruction-set build usable on this CPU, best first.");
   m.def("set_isa", [](const std::string& isa) {
-    mlx::core::synchronize();
+    sync_cpu_stream();
     if (!ufb::use_table(isa.c_str())) throw nb::value_error(("instruction set not usable here: " + isa).c_str());
   }, "isa"_a, "Use one instruction-set build (tests compare them).");
   m.def("num_threads", &ufb::num_threads);
   m.def("set_num_threads", [](int n) {
-    mlx::core::synchronize();  // no kernel may be running while the pool changes
+    sync_cpu_stream();  // no kernel may be running while the pool changes
     ufb::set_num_threads(n);
   }, "n"_a);
 }

@@ -1,17 +1,19 @@
 // The MLX side of the fused CPU FFF: graph construction, output allocation, and the
 // tasks handed to MLX's CPU command encoder (which run on the stream's thread and spread
-// the loops of kernels_impl.h over threads.h's pool).
+// the loops of loops_fff.h over threads.h's pool).
 #include "fff_cpu.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
-#include "dense.h"
-#include "kernels.h"
+#include "loops.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "row_major.h"
 #include "threads.h"
 
 namespace ufb {
@@ -29,6 +31,28 @@ DType to_dtype(const mx::array& a, const char* what) {
 }
 
 int64_t n_nodes(int depth) { return (int64_t(2) << depth) - 1; }
+
+// The backward numbers each visit (token, tree, level) by its flat index in int32 (the
+// order below, as the Metal kernels do): refuse a batch with 2^31 visits or more.
+void check_visit_count(int64_t tokens, int trees, int depth) {
+  const int64_t visits = tokens * trees * (int64_t(depth) + 1);
+  if (visits > int64_t(INT32_MAX)) {
+    throw std::invalid_argument("[ufb.fff_forward] the backward of " + std::to_string(visits) +
+                                " visits (tokens * trees * (depth + 1)) exceeds 2^31 - 1: split the batch");
+  }
+}
+
+// Visits grouped by row, token order kept within a row (a counting sort; ufb_mlx.fff's
+// visits_by_row is the same routine in MLX ops): order[offsets[r] .. offsets[r+1]) are the
+// flat indices of row r's visits, ascending. rows: `visits` row ids in [0, n_rows);
+// order: `visits` entries; offsets: n_rows + 1.
+void visits_by_row(const int32_t* rows, int64_t visits, int64_t n_rows, int32_t* order, int64_t* offsets) {
+  std::fill(offsets, offsets + n_rows + 1, int64_t(0));
+  for (int64_t v = 0; v < visits; ++v) ++offsets[rows[v] + 1];
+  for (int64_t r = 0; r < n_rows; ++r) offsets[r + 1] += offsets[r];
+  std::vector<int64_t> next(offsets, offsets + n_rows);
+  for (int64_t v = 0; v < visits; ++v) order[next[size_t(rows[v])]++] = int32_t(v);
+}
 
 void check_inputs(const mx::array& x, const mx::array& w_in, const mx::array& b_in, const mx::array& w_out,
                   int trees, int depth) {
@@ -49,7 +73,7 @@ void check_inputs(const mx::array& x, const mx::array& w_in, const mx::array& b_
   if (R * H >= (int64_t(1) << 62)) throw std::invalid_argument("[ufb.fff_forward] weights too large");
 }
 
-// Tokens per parallel task: one forward block (kernels_impl.h), and enough work to
+// Tokens per parallel task: one forward block (loops_fff.h), and enough work to
 // amortise waking a thread.
 constexpr int64_t TOKENS_PER_TASK = 64;
 
@@ -80,12 +104,13 @@ std::vector<mx::array> fff_forward(const mx::array& x, const mx::array& w_in, co
   return mx::array::make_arrays(
       {x.shape(), {T, trees, L}, {T, trees, L}}, {x.dtype(), mx::int32, mx::float32},
       std::make_shared<FFFForward>(stream, trees, depth),
-      {x, w_in, mx::astype(b_in, wt, stream), mx::astype(w_out, wt, stream)});
+      {row_major(x, stream), row_major(w_in, stream), row_major(mx::astype(b_in, wt, stream), stream),
+       column_major(mx::astype(w_out, wt, stream), stream)});
 }
 
 mx::array gelu(const mx::array& x, mx::StreamOrDevice s) {
   auto stream = mx::to_stream(s, mx::Device::cpu);
-  auto xf = mx::astype(x, mx::float32, stream);
+  auto xf = row_major(mx::astype(x, mx::float32, stream), stream);
   auto y = mx::array(xf.shape(), mx::float32, std::make_shared<Gelu>(stream), {xf});
   return mx::astype(y, x.dtype(), stream);
 }
@@ -102,22 +127,23 @@ void FFFForward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   a.y = y.data<void>();
   a.rows = rows.data<int32_t>();
   a.z = z.data<float>();
+  a.x = row_major_data<void>(x, "x");
+  a.w_in = row_major_data<void>(w_in, "w_in");
+  a.b_in = row_major_data<void>(b_in, "b_in");
+  a.w_out_t = column_major_data<void>(w_out, "w_out");  // w_out^T row-major
   auto& enc = mx::cpu::get_command_encoder(stream());
   enc.set_input_array(x);
   enc.set_input_array(w_in);
   enc.set_input_array(b_in);
   enc.set_input_array(w_out);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([a, sx = view_of(x), sw = view_of(w_in), sb = view_of(b_in), so = view_of(w_out)]() mutable {
-    std::vector<char> bx, bw, bb, bo;
-    a.x = row_major(sx, bx);
-    a.w_in = row_major(sw, bw);
-    a.b_in = row_major(sb, bb);
-    a.w_out_t = row_major(transposed(so), bo);  // free when w_out is column-major (load())
-    const KernelTable& k = table();
+  enc.dispatch([a]() {
+    const LoopTable& loops = table();
     const int64_t tasks = (a.T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
-    parallel_for(tasks, num_threads(), [&](int64_t i) {
-      k.forward(a, i * TOKENS_PER_TASK, std::min(a.T, (i + 1) * TOKENS_PER_TASK));
+    const int threads = num_threads();
+    const Scratch scratch(slots(tasks, threads), loops.forward_scratch(a));
+    parallel_for(tasks, threads, [&](int64_t i, int slot) {
+      loops.forward(a, i * TOKENS_PER_TASK, std::min(a.T, (i + 1) * TOKENS_PER_TASK), scratch[slot]);
     });
   });
 }
@@ -140,7 +166,8 @@ std::vector<mx::array> FFFForward::vjp(const std::vector<mx::array>& primals,
                                        const std::vector<mx::array>& cotangents, const std::vector<int>& argnums,
                                        const std::vector<mx::array>& outputs) {
   const auto &x = primals[0], &w_in = primals[1], &b_in = primals[2], &w_out = primals[3];
-  const auto dy = mx::astype(cotangents[0], x.dtype(), stream());
+  check_visit_count(x.shape(0), trees_, depth_);
+  const auto dy = row_major(mx::astype(cotangents[0], x.dtype(), stream()), stream());
   auto grads = mx::array::make_arrays(
       {x.shape(), w_in.shape(), b_in.shape(), w_out.shape()}, {x.dtype(), w_in.dtype(), w_in.dtype(), w_in.dtype()},
       std::make_shared<FFFBackward>(stream(), trees_, depth_), {x, w_in, w_out, outputs[1], outputs[2], dy});
@@ -178,38 +205,34 @@ void FFFBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([a, sx = view_of(x), sw = view_of(w_in), so = view_of(w_out), sdy = view_of(dy),
-                rows_p = rows.data<int32_t>(), z_p = z.data<float>(), wbytes = d_w_in.itemsize()]() mutable {
-    std::vector<char> bx, bw, bo, bdy;
-    a.x = row_major(sx, bx);
-    a.w_in = row_major(sw, bw);
-    a.w_out_t = row_major(transposed(so), bo);
-    a.dy = row_major(sdy, bdy);
-    a.rows = rows_p;  // outputs of FFFForward: always row-contiguous
-    a.z = z_p;
+  a.x = row_major_data<void>(x, "x");
+  a.w_in = row_major_data<void>(w_in, "w_in");
+  a.w_out_t = column_major_data<void>(w_out, "w_out");
+  a.dy = row_major_data<void>(dy, "dy");
+  a.rows = row_major_data<int32_t>(rows, "rows");  // outputs of FFFForward
+  a.z = row_major_data<float>(z, "z");
+  enc.dispatch([a, wbytes = d_w_in.itemsize()]() mutable {
     const int64_t T = a.T, H = a.H, L = a.D + 1, V = int64_t(a.P) * L;
     const int64_t R = a.P * n_nodes(a.D);
     std::vector<float> dz(size_t(T * V)), act(size_t(T * V));
     a.dz = dz.data();
     a.act = act.data();
-    const KernelTable& k = table();
+    const LoopTable& loops = table();
     const int threads = num_threads();
 
     // 1. per token: dx, dz, act
     const int64_t tasks = (T + TOKENS_PER_TASK - 1) / TOKENS_PER_TASK;
-    parallel_for(tasks, threads, [&](int64_t i) {
-      k.backward_tokens(a, i * TOKENS_PER_TASK, std::min(T, (i + 1) * TOKENS_PER_TASK));
-    });
-
-    // 2. visits grouped by row, token order kept (counting sort)
-    std::vector<int64_t> offsets(size_t(R + 1), 0);
-    for (int64_t v = 0; v < T * V; ++v) ++offsets[size_t(a.rows[v]) + 1];
-    for (int64_t r = 0; r < R; ++r) offsets[size_t(r + 1)] += offsets[size_t(r)];
-    std::vector<int32_t> order(size_t(T * V));
     {
-      std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
-      for (int64_t v = 0; v < T * V; ++v) order[size_t(fill[size_t(a.rows[v])]++)] = int32_t(v);
+      const Scratch scratch(slots(tasks, threads), loops.backward_tokens_scratch(a));
+      parallel_for(tasks, threads, [&](int64_t i, int slot) {
+        loops.backward_tokens(a, i * TOKENS_PER_TASK, std::min(T, (i + 1) * TOKENS_PER_TASK), scratch[slot]);
+      });
     }
+
+    // 2. visits grouped by row, token order kept
+    std::vector<int32_t> order(size_t(T * V));
+    std::vector<int64_t> offsets(size_t(R + 1));
+    visits_by_row(a.rows, T * V, R, order.data(), offsets.data());
     a.order = order.data();
     a.offsets = offsets.data();
 
@@ -222,9 +245,9 @@ void FFFBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     std::vector<int64_t> empty;
     const int64_t N = n_nodes(a.D);
     for (int64_t level = 0; level < L; ++level) {
-      for (int64_t k2 = 0; k2 < a.P; ++k2) {
+      for (int64_t tree = 0; tree < a.P; ++tree) {
         for (int64_t node = (int64_t(1) << level) - 1; node < (int64_t(2) << level) - 1; ++node) {
-          const int64_t r = k2 * N + node;
+          const int64_t r = tree * N + node;
           const int64_t c = offsets[size_t(r + 1)] - offsets[size_t(r)];
           if (c == 0) {
             empty.push_back(r);
@@ -237,13 +260,14 @@ void FFFBackward::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
         }
       }
     }
-    parallel_for(int64_t(units.size()), threads, [&](int64_t i) { k.backward_rows(a, units[i].r, units[i].h0, units[i].h1); });
+    parallel_for(int64_t(units.size()), threads,
+                 [&](int64_t i, int) { loops.backward_rows(a, units[i].r, units[i].h0, units[i].h1); });
     // Unvisited rows get zeros.
     char* d_in = static_cast<char*>(a.d_w_in);
     char* d_out = static_cast<char*>(a.d_w_out_t);
     char* d_b = static_cast<char*>(a.d_b_in);
     const int64_t per_task = 64;
-    parallel_for((int64_t(empty.size()) + per_task - 1) / per_task, threads, [&](int64_t i) {
+    parallel_for((int64_t(empty.size()) + per_task - 1) / per_task, threads, [&](int64_t i, int) {
       const int64_t e = std::min<int64_t>(int64_t(empty.size()), (i + 1) * per_task);
       for (int64_t j = i * per_task; j < e; ++j) {
         const int64_t r = empty[size_t(j)];
@@ -281,12 +305,11 @@ void elementwise(mx::Stream s, const std::vector<mx::array>& inputs, mx::array& 
   auto& enc = mx::cpu::get_command_encoder(s);
   for (auto& in : inputs) enc.set_input_array(in);
   enc.set_output_array(out);
-  enc.dispatch([inputs, out_p = out.data<float>(), n = int64_t(out.size()), f]() {
-    std::vector<std::vector<char>> scratch(inputs.size());
-    std::vector<const float*> ptrs;
-    for (size_t i = 0; i < inputs.size(); ++i) ptrs.push_back(row_major_f32(inputs[i], scratch[i]));
+  std::vector<const float*> ptrs;
+  for (auto& in : inputs) ptrs.push_back(row_major_data<float>(in, "x"));
+  enc.dispatch([ptrs, out_p = out.data<float>(), n = int64_t(out.size()), f]() {
     const int64_t tasks = (n + ELEMS_PER_TASK - 1) / ELEMS_PER_TASK;
-    parallel_for(tasks, num_threads(), [&](int64_t i) {
+    parallel_for(tasks, num_threads(), [&](int64_t i, int) {
       const int64_t b = i * ELEMS_PER_TASK, e = std::min(n, b + ELEMS_PER_TASK);
       f(ptrs, out_p, b, e - b);
     });
@@ -306,7 +329,7 @@ void Gelu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
 
 std::vector<mx::array> Gelu::vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
                                  const std::vector<int>&, const std::vector<mx::array>&) {
-  auto dy = mx::astype(cotangents[0], mx::float32, stream());
+  auto dy = row_major(mx::astype(cotangents[0], mx::float32, stream()), stream());
   return {mx::array(primals[0].shape(), mx::float32, std::make_shared<GeluVjp>(stream()), {primals[0], dy})};
 }
 

@@ -4,9 +4,9 @@
 #include <memory>
 #include <stdexcept>
 
-#include "dense.h"
-#include "kernels.h"
+#include "loops.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "row_major.h"
 #include "threads.h"
 
 namespace ufb {
@@ -28,7 +28,8 @@ std::vector<mx::array> layer_norm(const mx::array& x, const mx::array& w, const 
   const int rows = int(rows_of(x));
   return mx::array::make_arrays(
       {x.shape(), {rows}, {rows}}, {mx::float32, mx::float32, mx::float32}, std::make_shared<LayerNorm>(stream, eps),
-      {mx::astype(x, mx::float32, stream), mx::astype(w, mx::float32, stream), mx::astype(b, mx::float32, stream)});
+      {row_major(mx::astype(x, mx::float32, stream), stream), row_major(mx::astype(w, mx::float32, stream), stream),
+       row_major(mx::astype(b, mx::float32, stream), stream)});
 }
 
 void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
@@ -36,16 +37,13 @@ void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([inputs, y = outputs[0].data<float>(), mean = outputs[1].data<float>(),
+  enc.dispatch([x = row_major_data<float>(inputs[0], "x"), w = row_major_data<float>(inputs[1], "weight"),
+                b = row_major_data<float>(inputs[2], "bias"), n = int64_t(inputs[0].shape(-1)),
+                rows = rows_of(inputs[0]), y = outputs[0].data<float>(), mean = outputs[1].data<float>(),
                 rstd = outputs[2].data<float>(), eps = eps_]() {
-    std::vector<char> s[3];
-    const float* x = row_major_f32(inputs[0], s[0]);
-    const float* w = row_major_f32(inputs[1], s[1]);
-    const float* b = row_major_f32(inputs[2], s[2]);
-    const int64_t n = inputs[0].shape(-1), rows = rows_of(inputs[0]);
-    const KernelTable& k = table();
-    parallel_for((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK, num_threads(), [&](int64_t t) {
-      k.layer_norm(x, w, b, eps, n, t * ROWS_PER_TASK, std::min(rows, (t + 1) * ROWS_PER_TASK), y, mean, rstd);
+    const LoopTable& loops = table();
+    parallel_for((rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK, num_threads(), [&](int64_t t, int) {
+      loops.layer_norm(x, w, b, eps, n, t * ROWS_PER_TASK, std::min(rows, (t + 1) * ROWS_PER_TASK), y, mean, rstd);
     });
   });
 }
@@ -70,7 +68,7 @@ std::vector<mx::array> LayerNorm::vjp(const std::vector<mx::array>& primals, con
   auto grads = mx::array::make_arrays({x.shape(), {n}, {n}}, {mx::float32, mx::float32, mx::float32},
                                       std::make_shared<LayerNormVjp>(stream()),
                                       {x, primals[1], outputs[1], outputs[2],
-                                       mx::astype(cotangents[0], mx::float32, stream())});
+                                       row_major(mx::astype(cotangents[0], mx::float32, stream()), stream())});
   std::vector<mx::array> out;
   for (int i : argnums) out.push_back(grads[i]);
   return out;
@@ -81,21 +79,19 @@ void LayerNormVjp::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   auto& enc = mx::cpu::get_command_encoder(stream());
   for (auto& in : inputs) enc.set_input_array(in);
   for (auto& o : outputs) enc.set_output_array(o);
-  enc.dispatch([inputs, dx = outputs[0].data<float>(), dw = outputs[1].data<float>(),
+  enc.dispatch([x = row_major_data<float>(inputs[0], "x"), w = row_major_data<float>(inputs[1], "weight"),
+                mean = row_major_data<float>(inputs[2], "mean"), rstd = row_major_data<float>(inputs[3], "rstd"),
+                dy = row_major_data<float>(inputs[4], "dy"), n = int64_t(inputs[0].shape(-1)),
+                rows = rows_of(inputs[0]), dx = outputs[0].data<float>(), dw = outputs[1].data<float>(),
                 db = outputs[2].data<float>()]() {
-    std::vector<char> s[5];
-    const float* x = row_major_f32(inputs[0], s[0]);
-    const float* w = row_major_f32(inputs[1], s[1]);
-    const float* mean = row_major_f32(inputs[2], s[2]);
-    const float* rstd = row_major_f32(inputs[3], s[3]);
-    const float* dy = row_major_f32(inputs[4], s[4]);
-    const int64_t n = inputs[0].shape(-1), rows = rows_of(inputs[0]);
     const int64_t tasks = (rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
     std::vector<float> part(size_t(2 * tasks * n), 0.0f);  // per task: dw then db partial sums
-    const KernelTable& k = table();
-    parallel_for(tasks, num_threads(), [&](int64_t t) {
-      k.layer_norm_vjp(x, w, mean, rstd, dy, n, t * ROWS_PER_TASK, std::min(rows, (t + 1) * ROWS_PER_TASK), dx,
-                       part.data() + 2 * t * n, part.data() + (2 * t + 1) * n);
+    const LoopTable& loops = table();
+    const int threads = num_threads();
+    const Scratch scratch(slots(tasks, threads), loops.layer_norm_vjp_scratch(n));
+    parallel_for(tasks, threads, [&](int64_t t, int slot) {
+      loops.layer_norm_vjp(x, w, mean, rstd, dy, n, t * ROWS_PER_TASK, std::min(rows, (t + 1) * ROWS_PER_TASK), dx,
+                           part.data() + 2 * t * n, part.data() + (2 * t + 1) * n, scratch[slot]);
     });
     std::fill(dw, dw + n, 0.0f);
     std::fill(db, db + n, 0.0f);

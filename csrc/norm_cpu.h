@@ -1,5 +1,6 @@
-// MLX primitive for LayerNorm over the last axis on the CPU (MLX's own costs ~4.6 ns an
-// element here: two norms per layer were 15 % of the whole model at batch 8).
+// MLX primitive for LayerNorm over the last axis on the CPU (MLX 0.32's own cost ~4.6 ns an
+// element, measured 2026-11 on a 2-core Xeon VM: two norms per layer were 15 % of the whole
+// model at batch 8).
 //
 // layer_norm(x (..., n), w (n,), b (n,), eps) -> [y (..., n), mean (rows,), rstd (rows,)]
 // float32. The vjp (LayerNormVjp) gives dx, dw, db; dw and db are summed over fixed

@@ -29,19 +29,20 @@ class Pool {
   }
   int size() const { return int(workers_.size()) + 1; }
 
-  void run(int64_t n, int helpers, const std::function<void(int64_t)>& fn) {
+  void run(int64_t n, int helpers, const std::function<void(int64_t, int)>& fn) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       fn_ = &fn;
       n_ = n;
       next_.store(0);
       wanted_ = helpers;
+      next_slot_ = 1;
       busy_ = 0;
       error_ = nullptr;
       ++generation_;
     }
     wake_.notify_all();
-    work();
+    work(0);
     std::unique_lock<std::mutex> lock(mu_);
     // Every index is claimed; helpers that have not woken yet need not start, and the
     // ones inside `fn` must finish before we return.
@@ -52,9 +53,9 @@ class Pool {
   }
 
  private:
-  void work() {
+  void work(int slot) {
     try {
-      for (int64_t i; (i = next_.fetch_add(1)) < n_;) (*fn_)(i);
+      for (int64_t i; (i = next_.fetch_add(1)) < n_;) (*fn_)(i, slot);
     } catch (...) {
       next_.store(n_);  // stop handing out work
       std::lock_guard<std::mutex> lock(mu_);
@@ -70,8 +71,9 @@ class Pool {
       seen = generation_;
       --wanted_;
       ++busy_;
+      const int slot = next_slot_++;  // 1..helpers: at most `wanted_` helpers get here
       lock.unlock();
-      work();
+      work(slot);
       lock.lock();
       --busy_;
       if (busy_ == 0) done_.notify_all();
@@ -81,10 +83,10 @@ class Pool {
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable wake_, done_;
-  const std::function<void(int64_t)>* fn_ = nullptr;
+  const std::function<void(int64_t, int)>* fn_ = nullptr;
   std::atomic<int64_t> next_{0};
   int64_t n_ = 0;
-  int wanted_ = 0, busy_ = 0;
+  int wanted_ = 0, busy_ = 0, next_slot_ = 1;
   std::exception_ptr error_;
   uint64_t generation_ = 0;
   bool stop_ = false;
@@ -127,13 +129,13 @@ void set_num_threads(int n) {
   }
 }
 
-void parallel_for(int64_t n, int max_threads, const std::function<void(int64_t)>& fn) {
+void parallel_for(int64_t n, int max_threads, const std::function<void(int64_t, int)>& fn) {
   if (n <= 0) return;
   std::lock_guard<std::mutex> lock(g_mu);  // one parallel region at a time
   Pool& p = pool();
   const int threads = int(std::min<int64_t>({int64_t(p.size()), int64_t(std::max(1, max_threads)), n}));
   if (threads <= 1) {
-    for (int64_t i = 0; i < n; ++i) fn(i);
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
     return;
   }
   p.run(n, threads - 1, fn);

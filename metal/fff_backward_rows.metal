@@ -22,6 +22,8 @@
 //   When every row has one chunk (T <= C) the chunk of row r is r, and these are the
 //   gradients d_w_in, d_b_in, d_w_out_t themselves; otherwise fff_backward_rows_reduce
 //   adds up each row's chunks.
+// Registers: per thread, two float accumulators (gin, gout) for the column it is on;
+//   no array, so nothing depends on unrolling and nothing can spill.
 // float32 accumulation. No atomics: each chunk's sums run in the fixed (token) order of
 //   its visits, and the chunks are cut by counts alone, so the gradients are bitwise
 //   deterministic.

@@ -8,6 +8,8 @@
 //   chunk_offsets (P*N + 1,) int32: row r's chunks are chunk_offsets[r] .. [r+1] - 1.
 // Outputs, all float, every element written: d_w_in (P*N, H), d_b_in (P*N,),
 //   d_w_out_t (P*N, H).
+// Registers: per thread, two float accumulators (gin, gout) for the column it is on;
+//   no array, so nothing depends on unrolling and nothing can spill.
 // The chunks of a row are added in chunk (token) order: deterministic.
 
 const uint row = threadgroup_position_in_grid.y;

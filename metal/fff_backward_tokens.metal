@@ -7,6 +7,11 @@
 //   rows (T, P, L) int32 and z (T, P, L) float from fff_forward; dy (T, H) any float.
 // Outputs, all float: dx (T, H); dz (T, P, L) = (dy . w_out_t[row]) * gelu'(z);
 //   act (T, P, L) = gelu(z), both consumed by fff_backward_rows.
+// Registers, per lane (as fff_forward, same PER_LANE and fully unrolled loops, so that
+//   constant indices let the compiler keep both arrays in registers): g, this lane's
+//   PER_LANE values of dy, loaded once and reused by the dot product of every visit;
+//   acc, its PER_LANE values of dx, accumulated over the token's P*(D+1) visits and
+//   stored once.
 // float32: dy cached in registers, the dot products (simd_sum, then the G simdgroup sums
 //   in simdgroup order as in fff_forward), gelu/gelu', and dx, which is accumulated in
 //   registers over the token's P*L visited rows and stored once.
@@ -18,6 +23,8 @@ constexpr uint L = uint(D) + 1u;
 constexpr uint VISITS = uint(P) * L;
 constexpr uint LANES = 32u * uint(G);
 constexpr uint PER_LANE = (uint(H) + LANES - 1u) / LANES;
+// every lane's last value is inside the row: the compiler drops the bounds checks
+constexpr bool FULL = uint(H) % LANES == 0u;
 
 const uint lane = thread_position_in_threadgroup.x;
 const uint token = thread_position_in_grid.y;
@@ -27,9 +34,10 @@ uint buf = 0;
 
 float g[PER_LANE];
 float acc[PER_LANE];
+#pragma clang loop unroll(full)
 for (uint j = 0; j < PER_LANE; ++j) {
   const uint h = lane + LANES * j;
-  g[j] = h < uint(H) ? float(dy[token * uint(H) + h]) : 0.0f;
+  g[j] = FULL || h < uint(H) ? float(dy[token * uint(H) + h]) : 0.0f;
   acc[j] = 0.0f;
 }
 
@@ -38,9 +46,10 @@ for (uint v = 0; v < VISITS; ++v) {
   const uint row = uint(rows[slot]);
   const float logit = z[slot];
   float part = 0.0f;
+  #pragma clang loop unroll(full)
   for (uint j = 0; j < PER_LANE; ++j) {
     const uint h = lane + LANES * j;
-    if (h < uint(H)) {
+    if (FULL || h < uint(H)) {
       part += g[j] * float(w_out_t[row * uint(H) + h]);
     }
   }
@@ -51,15 +60,17 @@ for (uint v = 0; v < VISITS; ++v) {
     }
     threadgroup_barrier(mem_flags::mem_threadgroup);
     dot = 0.0f;
+    #pragma clang loop unroll(full)
     for (uint s = 0; s < uint(G); ++s) {
       dot += sums[buf * TGS + sum_base + s];
     }
     buf ^= 1u;
   }
   const float dlogit = dot * fff_gelu_grad(logit);
+  #pragma clang loop unroll(full)
   for (uint j = 0; j < PER_LANE; ++j) {
     const uint h = lane + LANES * j;
-    if (h < uint(H)) {
+    if (FULL || h < uint(H)) {
       acc[j] += dlogit * float(w_in[row * uint(H) + h]);
     }
   }
@@ -69,9 +80,10 @@ for (uint v = 0; v < VISITS; ++v) {
   }
 }
 
+#pragma clang loop unroll(full)
 for (uint j = 0; j < PER_LANE; ++j) {
   const uint h = lane + LANES * j;
-  if (h < uint(H)) {
+  if (FULL || h < uint(H)) {
     dx[token * uint(H) + h] = acc[j];
   }
 }

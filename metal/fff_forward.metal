@@ -1,15 +1,23 @@
 // fff_forward: fused hard descent of P trees of depth D, G simdgroups per token.
 //
 // Launch: grid (32*G, T, 1), threadgroup (32*G, S, 1) with G and S chosen from H by
-//   ufb_mlx/kernels.py (G = ceil(H / 1024), so each lane holds at most 32 values of a row
-//   in registers; S tokens per threadgroup, at most 256 threads). The 32*G threads along
-//   x split H with stride 32*G, so every load below is coalesced; y of the grid is the
-//   token. Simdgroups are cut from the x-fastest thread index, so each one belongs to
-//   a single token. Every launched thread owns a valid (token, lane): no bounds checks,
-//   and all threads of a threadgroup take the same branches (the barriers are uniform).
-// Template: YT = dtype of y (x's dtype); H, P, D, G as compile-time ints, so the loops
-//   unroll and the per-lane register arrays have fixed size (ceil(H / (32*G)) floats).
+//   ufb_mlx/metal_kernels.py: G = min(8, ceil(H / 1024)) simdgroups per token, S tokens
+//   per threadgroup, at most 256 threads whatever H (a pipeline of a register-heavy
+//   kernel may allow fewer than 1024). The 32*G threads along x split H with stride
+//   32*G, so every load below is coalesced; y of the grid is the token. Simdgroups are
+//   cut from the x-fastest thread index, so each one belongs to a single token. Every
+//   launched thread owns a valid (token, lane): all threads of a threadgroup take the
+//   same branches (the barriers are uniform).
+// Template: YT = dtype of y (x's dtype); H, P, D, G as compile-time ints.
 //   TGS = simdgroups per threadgroup at most (sizes the cross-simdgroup scratch).
+// Registers, per lane: xv, this lane's PER_LANE values of x, loaded once and reused by
+//   the dot product of every level; acc, its PER_LANE values of y, accumulated over all
+//   P*(D+1) visited rows and stored once at the end. PER_LANE = ceil(H / (32*G)) is a
+//   compile-time constant (H, G are template arguments) and every loop over it is fully
+//   unrolled, so each array element has a constant index: only then can the compiler
+//   keep the arrays in registers (a dynamically indexed array lives in slow thread
+//   memory). Up to H = 8192, PER_LANE <= 32 (64 floats for both arrays); wider, G stays
+//   8 and PER_LANE grows (64 at H = 16384): still correct, but the arrays may spill.
 // Inputs (row-contiguous, any float dtype, read through float()):
 //   x (T, H); w_in (P*N, H); b_in (P*N,); w_out_t (P*N, H) with N = 2^(D+1) - 1
 //   (w_out_t is linear_out.weight transposed, so a visited row is one contiguous read).
@@ -26,6 +34,8 @@ constexpr uint N = (2u << D) - 1u;
 constexpr uint L = uint(D) + 1u;
 constexpr uint LANES = 32u * uint(G);
 constexpr uint PER_LANE = (uint(H) + LANES - 1u) / LANES;
+// every lane's last value is inside the row: the compiler drops the bounds checks
+constexpr bool FULL = uint(H) % LANES == 0u;
 
 const uint lane = thread_position_in_threadgroup.x;
 const uint token = thread_position_in_grid.y;
@@ -36,9 +46,10 @@ uint buf = 0;
 
 float xv[PER_LANE];
 float acc[PER_LANE];
+#pragma clang loop unroll(full)
 for (uint j = 0; j < PER_LANE; ++j) {
   const uint h = lane + LANES * j;
-  xv[j] = h < uint(H) ? float(x[token * uint(H) + h]) : 0.0f;
+  xv[j] = FULL || h < uint(H) ? float(x[token * uint(H) + h]) : 0.0f;
   acc[j] = 0.0f;
 }
 
@@ -47,9 +58,10 @@ for (uint k = 0; k < uint(P); ++k) {
   for (uint level = 0; level < L; ++level) {
     const uint row = k * N + node;
     float part = 0.0f;
+    #pragma clang loop unroll(full)
     for (uint j = 0; j < PER_LANE; ++j) {
       const uint h = lane + LANES * j;
-      if (h < uint(H)) {
+      if (FULL || h < uint(H)) {
         part += xv[j] * float(w_in[row * uint(H) + h]);
       }
     }
@@ -60,6 +72,7 @@ for (uint k = 0; k < uint(P); ++k) {
       }
       threadgroup_barrier(mem_flags::mem_threadgroup);
       dot = 0.0f;
+      #pragma clang loop unroll(full)
       for (uint g = 0; g < uint(G); ++g) {
         dot += sums[buf * TGS + sum_base + g];
       }
@@ -67,9 +80,10 @@ for (uint k = 0; k < uint(P); ++k) {
     }
     const float logit = dot + float(b_in[row]);
     const float act = fff_gelu(logit);
+    #pragma clang loop unroll(full)
     for (uint j = 0; j < PER_LANE; ++j) {
       const uint h = lane + LANES * j;
-      if (h < uint(H)) {
+      if (FULL || h < uint(H)) {
         acc[j] += act * float(w_out_t[row * uint(H) + h]);
       }
     }
@@ -82,9 +96,10 @@ for (uint k = 0; k < uint(P); ++k) {
   }
 }
 
+#pragma clang loop unroll(full)
 for (uint j = 0; j < PER_LANE; ++j) {
   const uint h = lane + LANES * j;
-  if (h < uint(H)) {
+  if (FULL || h < uint(H)) {
     y[token * uint(H) + h] = YT(acc[j]);
   }
 }

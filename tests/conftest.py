@@ -21,6 +21,27 @@ if not (MLM / "cases.npz").is_file() or not (CLS / "cases.npz").is_file():
     raise RuntimeError(f"golden data not found under {GOLDEN} (set UFB_GOLDEN)")
 
 
+def require_extension() -> None:
+    """For tests of the fused CPU extension (ufb_mlx._ext): without it they are skipped with
+    the reason (an install without a C++ compiler still works, on the MLX-operations path),
+    unless UFB_REQUIRE_EXTENSION=1 (CI, which builds it) makes its absence a failure."""
+    from ufb_mlx import backend
+
+    if backend.cpu_available():
+        return
+    reason = (f"needs the CPU extension: {backend.cpu_unavailable_reason()} "
+              "(in a second checkout: `python setup.py build_ext --inplace`)")
+    if os.environ.get("UFB_REQUIRE_EXTENSION") == "1":
+        pytest.fail(f"UFB_REQUIRE_EXTENSION=1 but the test {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+@pytest.fixture
+def extension():
+    """Skip (or with UFB_REQUIRE_EXTENSION=1 fail) the test when ufb_mlx._ext is absent."""
+    require_extension()
+
+
 @pytest.fixture(scope="session")
 def mlm_cases():
     return dict(np.load(MLM / "cases.npz"))

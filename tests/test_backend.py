@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ufb_mlx
-from ufb_mlx import backend, kernels
+from ufb_mlx import backend, metal_kernels
 from ufb_mlx import fff as mlx_fff
 from ufb_mlx.check import ATOL, fff_forward_tolerance
 from ufb_ref.errors import UFBError
@@ -142,8 +142,8 @@ def test_missing_kernel_sources_are_named(monkeypatch, tmp_path):
     refused in one line that names the missing files, instead of a traceback at the
     first forward or a silent fall-back."""
     monkeypatch.setattr(mx.metal, "is_available", lambda: True)
-    monkeypatch.setattr(kernels, "METAL_DIR", tmp_path)
-    kernels.missing_sources.cache_clear()
+    monkeypatch.setattr(metal_kernels, "METAL_DIR", tmp_path)
+    metal_kernels.missing_sources.cache_clear()
     try:
         assert backend.resolve("auto", device=CPU) in ("cpu", "ops")
         for call in (lambda: backend.resolve("metal"), lambda: backend.resolve("auto", device=GPU)):
@@ -153,8 +153,8 @@ def test_missing_kernel_sources_are_named(monkeypatch, tmp_path):
             assert "\n" not in msg and "fff_forward.metal" in msg and str(tmp_path) in msg
     finally:
         monkeypatch.undo()
-        kernels.missing_sources.cache_clear()
-    assert kernels.missing_sources() == ()
+        metal_kernels.missing_sources.cache_clear()
+    assert metal_kernels.missing_sources() == ()
 
 
 def test_describe_reports_what_is_present():
@@ -162,6 +162,50 @@ def test_describe_reports_what_is_present():
     assert d["auto"] == backend.resolve("auto")
     assert d["metal"] == (d["metal_reason"] is None) == backend.metal_available()
     assert d["cpu"] == backend.cpu_available() and (d["cpu_reason"] is None) == d["cpu"]
+    assert d["present"] == ["ops"] + ["cpu"] * d["cpu"] + ["metal"] * d["metal"]
+    line = backend.present_line(d)
+    assert line.startswith(f"FFF implementations present: {', '.join(d['present'])}")
+    for name in ("cpu", "metal"):
+        assert (f"{name} absent: {d[name + '_reason']}" in line) is (not d[name])
+    assert (d["platform_problem"] is None) is (mx.metal.is_available() and d["metal"])
+
+
+@pytest.mark.parametrize("system, machine, version, python, rosetta, expected", [
+    ("Darwin", "arm64", "14.5", (3, 11), False, None),
+    ("Darwin", "arm64", "15.0", (3, 10), False, None),
+    ("Linux", "x86_64", "", (3, 11), False, "this is Linux x86_64, not a Mac"),
+    ("Linux", "aarch64", "", (3, 11), False, "this is Linux aarch64, not a Mac"),
+    ("Darwin", "x86_64", "14.5", (3, 11), False, "Intel CPU (x86_64)"),
+    ("Darwin", "x86_64", "14.5", (3, 11), True, "running under Rosetta"),
+    ("Darwin", "arm64", "13.6", (3, 11), False, "macOS 13.6"),
+    ("Darwin", "arm64", "14.1", (3, 9), False, "Python 3.9"),
+], ids=["sonoma", "sequoia-py310", "linux", "linux-arm", "intel-mac", "rosetta", "ventura", "py39"])
+def test_platform_requirements(system, machine, version, python, rosetta, expected):
+    """Apple Silicon, macOS >= 14, a native arm64 Python 3.10+ (MLX's own wheels need the
+    same); anything else is named in one line with what the Metal path needs."""
+    got = backend.platform_problem(system, machine, version, python, rosetta=lambda: rosetta)
+    if expected is None:
+        assert got is None
+    else:
+        assert expected in got and backend.METAL_PLATFORM in got
+
+
+def test_a_failed_extension_build_is_reported_with_its_remedy(monkeypatch, tmp_path):
+    """setup.py leaves its reason and remedy in BUILD_NOTE when it could not build the
+    extension: the reason every report gives is then that sentence."""
+    from ufb_mlx import cpu_kernels
+
+    note = tmp_path / "note.txt"
+    monkeypatch.setattr(backend, "BUILD_NOTE_PATH", note)
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "the C++ extension ufb_mlx._ext is not built")
+    assert backend.cpu_unavailable_reason() == "the C++ extension ufb_mlx._ext is not built"
+    note.write_text("the fused CPU extension ufb_mlx._ext was not built (no C++ compiler);\n"
+                    "the MLX-operations path runs instead; for the fused CPU kernels, install g++\n")
+    assert backend.cpu_unavailable_reason() == (
+        "the fused CPU extension ufb_mlx._ext was not built (no C++ compiler); the MLX-operations "
+        "path runs instead; for the fused CPU kernels, install g++")
+    monkeypatch.setattr(cpu_kernels, "unavailable_reason", lambda: "")  # built after all
+    assert backend.cpu_unavailable_reason() == ""
 
 
 def test_cpu_stream_here_picks_a_cpu_implementation():

@@ -1,5 +1,7 @@
 """Smoke tests of ``python -m ufb_mlx.benchmark`` at tiny sizes: the JSON schema, every arm
-timed, the reference-BLAS guard, the plot. Nothing here asserts anything about speed."""
+timed, the arms that compute the same function agreeing on its values (the benchmark's own
+cross-check, asserted here), the reference-BLAS guard, the plot. Nothing here asserts
+anything about speed."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ufb_mlx import backend as backend_lib
 from ufb_mlx import benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +65,15 @@ def check_schema(doc: dict) -> None:
             assert positive(r["ratio"]) and isinstance(r["fair"], bool)
 
 
+def assert_agree(g: dict, pairs: set) -> None:
+    """The benchmark checked every pair in `pairs` (arm, baseline) on its values, and each
+    agreed: at most 1 % of rows (gradient elements for train) outside 1e-3 relative."""
+    checks = {(c["arm"], c["baseline"]): c for c in g["checks"]}
+    assert pairs <= set(checks), (pairs, set(checks))
+    for pair in pairs:
+        assert checks[pair]["agree"] and checks[pair]["differ"] <= 0.01, checks[pair]
+
+
 def test_layer(tmp_path):
     png = tmp_path / "speedup.png"
     doc = bench_json("layer", "--tokens", "1,8", "--plot", str(png))  # matplotlib: in the [test] extra
@@ -76,6 +88,7 @@ def test_layer(tmp_path):
         for impl in impls:
             assert {(r["arm"], r["baseline"]) for r in g["ratios"]} >= {
                 (impl, "masked_dense"), (impl, "dense_15"), (impl, "sgemm2_15"), (impl, "numpy_ref")}
+        assert_agree(g, {(impl, "masked_dense") for impl in impls + ["numpy_ref"]})
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -85,6 +98,8 @@ def test_layer_backward():
     (g,) = doc["results"]
     assert {"fff_ops", "fff_cpu", "masked_dense", "numpy_ref"} <= set(g["arms"])
     assert "forward + backward" in g["label"]
+    # the input gradients of every implementation and of the NumPy reference's VJP
+    assert_agree(g, {(impl, "masked_dense") for impl in ("fff_ops", "fff_cpu", "numpy_ref")})
 
 
 MODEL_ARMS = {"conditional_forward_{b}", "dense_forward_{b}", "conditional_fillmask_{b}", "dense_fillmask_{b}"}
@@ -97,6 +112,7 @@ def test_model(backend):
     for g in doc["results"]:
         assert set(g["arms"]) == {a.format(b=backend) for a in MODEL_ARMS}
         assert g["tokens_per_batch"] == g["params"]["batch"] * g["params"]["seq"]
+        assert_agree(g, {(f"conditional_{what}_{backend}", f"dense_{what}_{backend}") for what in ("forward", "fillmask")})
     mem = doc["memory"]
     assert positive(mem["weights_bytes"]) and positive(mem["peak_bytes"]) and positive(mem["ratio"])
 
@@ -149,6 +165,8 @@ def test_train(task):
     (g,) = doc["results"]
     assert set(g["arms"]) == {"conditional_step_cpu", "dense_step_cpu"}
     assert doc["config"]["task"] == task
+    # one dropout-free loss and gradient of each arm, from the same weights
+    assert_agree(g, {("conditional_step_cpu", "dense_step_cpu")})
 
 
 def test_reference_blas_is_marked_not_fair():
@@ -159,6 +177,7 @@ def test_reference_blas_is_marked_not_fair():
     assert "reference BLAS" in env["blas"] and env["dense_fair"] is False
     assert not env["openblas_mapped"]
     assert doc["warnings"] and "NOT FAIR" in p.stderr
+    assert backend_lib.present_line(env["fff_backends"]) in p.stderr  # the header's FFF line
     for r in doc["results"][0]["ratios"]:
         dense = doc["results"][0]["arms"][r["baseline"]]["dense_blas"]
         assert r["fair"] is (not dense)

@@ -47,6 +47,22 @@ def only_ops(monkeypatch):
     monkeypatch.setattr(check_lib, "available_backends", lambda: (["ops"], {}))
 
 
+def test_report_names_what_is_present_and_the_platform(monkeypatch, capsys):
+    """The report's head says which implementations are present, why the others are not,
+    and, on a machine that is not a supported Mac, the Metal path's requirements."""
+    only_ops(monkeypatch)
+    assert check_lib.main(["--model", str(MLM), "--configs", "0"]) == 0
+    head = capsys.readouterr().out.splitlines()[:3]
+    d = backend.describe()
+    assert head[1] == backend.present_line(d)
+    assert head[1].startswith("FFF implementations present: ops")
+    if d["platform_problem"]:
+        assert head[2].startswith(f"platform: {d['platform_problem']}")
+        assert "Apple Silicon, macOS >= 14 and a native arm64 Python 3.10+" in head[2]
+    else:
+        assert not head[2].startswith("platform:")
+
+
 def test_a_wrong_output_fails(monkeypatch, capsys):
     """An "ops" backend whose output's first feature is off by 1e-3 (a shift of every
     feature alike would vanish in the next LayerNorm): the model, layer and configuration

@@ -18,16 +18,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from test_fff_properties import EPS_COND, MX_DTYPES, UNIT, as_mx, assert_close_on, excused, fff_problem
+from test_fff_properties import EPS_COND, MX_DTYPES, UNIT, as_mx, assert_close_on, compared, excused, fff_problem
 from ufb_mlx import backend, cpu_kernels
 from ufb_mlx import fff as mlx_fff
 from ufb_ref import fff as ref_fff
 from ufb_ref.errors import UFBError
 
-if not cpu_kernels.available():
-    # CI builds the extension (pip install -e .): its absence is a failure, not a skip.
-    raise RuntimeError(f"the CPU extension is not available: {cpu_kernels.unavailable_reason()} "
-                       "(in a second checkout: `python setup.py build_ext --inplace`)")
+from conftest import require_extension
+
+require_extension()  # skips this module, saying why, when the extension is not built
 
 ext = cpu_kernels.ext()
 ISAS = ext.isas()
@@ -60,7 +59,7 @@ def test_forward_matches_reference(problem, cfg, f32_activations):
     ws = [as_mx(a, dtype) for a in (w_in, b_in)]
     y, rows, z = ext.fff_forward(xs, *ws, layout(as_mx(w_out, dtype), column_major), trees, depth)
     truth = ref_fff.fff_descent(x, w_in, b_in, w_out, trees, depth).reshape(xs.shape)
-    keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
+    keep = compared(~excused(x, w_in, b_in, trees, depth, EPS_COND))
     assert y.dtype == MX_DTYPES[xdt] and y.shape == xs.shape
     # float32 accumulation (~1e-6 relative) plus one rounding to the output dtype.
     scale = 1 + np.abs(truth).max()
@@ -79,7 +78,7 @@ def test_gradients_match_reference(problem, cfg):
     isa, threads, column_major = cfg
     ext.set_isa(isa)
     ext.set_num_threads(threads)
-    bad = excused(x, w_in, b_in, trees, depth, EPS_COND)
+    bad = ~compared(~excused(x, w_in, b_in, trees, depth, EPS_COND))
     dy = dy.reshape(bad.shape[0], -1).copy()
     dy[bad] = 0  # tokens near a routing tie would send their gradient to other rows
     cot = as_mx(dy.reshape(x.shape), dtype)
@@ -316,8 +315,9 @@ def test_layer_norm_backward_is_deterministic_across_threads():
 
 
 def test_strided_inputs_are_read_as_their_values():
-    """Inputs that are views (a slice, a transpose, a broadcast) are copied into row-major
-    order inside the primitives (csrc/dense.cpp) and give the bits of a contiguous copy."""
+    """Inputs that are views (a slice, a transpose, a broadcast) are made row-major by MLX's
+    own contiguous copy when the graph is built (csrc/row_major.h) and give the bits of a
+    contiguous copy, forward and backward."""
     rng = np.random.default_rng(4)
     x, w_in, b_in, w_out, _ = _layer(12, 40, 1, 3)
     wide = mx.array(rng.normal(size=(12, 80)).astype(np.float32))
@@ -333,3 +333,25 @@ def test_strided_inputs_are_read_as_their_values():
     assert same(ext.layer_norm(t, w, b, 1e-5)[0], ext.layer_norm(mx.contiguous(t), w, b, 1e-5)[0])
     z = mx.broadcast_to(mx.array([0.5]), (1000,))
     assert same(ext.gelu(z), ext.gelu(mx.full((1000,), 0.5)))
+    # Backward: a transposed cotangent and a row-major w_out give a contiguous run's bits.
+    dy = mx.array(rng.normal(size=(40, 12)).astype(np.float32)).T
+    f = lambda *a: ext.fff_forward(*a, 1, 3)[0]
+    for w in (w_out, mx.contiguous(w_out.T).T):
+        got = mx.vjp(f, [x, w_in, b_in, w], [dy])[1]
+        want = mx.vjp(f, [x, w_in, b_in, mx.contiguous(w)], [mx.contiguous(dy)])[1]
+        assert all(same(g, h) for g, h in zip(got, want))
+
+
+def test_backward_refuses_2_31_visits_when_built():
+    """The CPU backward numbers visits (token, tree, level) in int32: a batch of 2^31 visits
+    is refused in one line when the gradient graph is built. Broadcast inputs and a graph
+    that is never evaluated: nothing of that size is allocated."""
+    P, D = 2, 0
+    w_in, b_in, w_out = mx.zeros((P, 1)), mx.zeros((P,)), mx.zeros((1, P))
+    f = lambda x: ext.fff_forward(x, w_in, b_in, w_out, P, D)[0]
+    big = mx.broadcast_to(mx.zeros((1, 1)), (2**30, 1))  # 2^30 tokens * 2 trees * 1 level
+    with pytest.raises(ValueError, match=r"2147483648 visits .* exceeds 2\^31 - 1") as e:
+        mx.vjp(f, [big], [big])
+    assert "\n" not in str(e.value)
+    fits = mx.broadcast_to(mx.zeros((1, 1)), (2**30 - 1, 1))
+    mx.vjp(f, [fits], [fits])  # one token fewer: built (and never evaluated)

@@ -13,7 +13,11 @@ Routing near z = 0: two correct implementations may route a token differently wh
 logit it decides on is within rounding of 0. Every comparison excuses exactly the tokens
 whose float64 reference has some decision with |z| < eps (eps stated per dtype below)
 and compares all the others tightly; logits that are exactly 0 are never excused: they
-are built in on purpose (zero weight row and bias) and must go left everywhere.
+are built in on purpose (zero weight row and bias) and must go left everywhere. So that
+the excuse cannot empty a comparison, the draws keep every decision out of the tie band:
+each node's bias is chosen, top down, at least the largest eps away from -x.w of every
+drawn token that reaches the node (``away_from_ties``), and every comparison asserts
+that at least MIN_COMPARED of the tokens were compared.
 
 Profiles: CI runs a fixed, derandomised set of examples (UFB_HYPOTHESIS_PROFILE=ci, the
 default); UFB_HYPOTHESIS_PROFILE=long runs many more.
@@ -52,6 +56,46 @@ EPS_DENSE = {"float32": 1e-4, "float16": 0.05, "bfloat16": 0.4}
 
 METAL_SHAPES = [(1, 3, 20), (2, 5, 37), (3, 0, 64)]  # (P, D, H), see the module docstring
 
+# The draws put every routing decision outside the widest tie band (away_from_ties), so
+# every token is compared; a comparison that excuses more than this fraction means the
+# construction failed, and fails the test instead of passing on what is left.
+MIN_COMPARED = 0.9
+# Biases are multiples of 1/32 below 8 in magnitude: exact in bfloat16, float16 and
+# float32, so rounding the inputs to the test dtype cannot move a decision into a tie.
+BIAS_GRID, BIAS_MAX = 1 / 32, 8.0
+
+
+def away_from_ties(x, w_in, b_in, trees: int, depth: int, margin: float, fixed) -> np.ndarray:
+    """Biases, chosen node by node from the root down, so that every token of x (rows of
+    (-1, H)) that reaches a node decides there with |x.w + b| >= margin: the drawn bias
+    when it already is (on the grid), else the grid point nearest to it in a gap of the
+    tokens' -x.w at least 2 * margin wide (beyond the extremes, all go one way, if no gap
+    is). Nodes in `fixed` keep their bias (the exact-zero nodes: z == 0 is no tie)."""
+    n = ref_fff.n_nodes(depth)
+    b = np.round(np.clip(b_in, -BIAS_MAX / 2, BIAS_MAX / 2) / BIAS_GRID) * BIAS_GRID
+    xs = x.reshape(-1, x.shape[-1])
+    for tree in range(trees):
+        at = np.zeros(len(xs), dtype=np.int64)  # node each token has reached in this tree
+        for level in range(depth + 1):
+            for node in range(2**level - 1, 2 ** (level + 1) - 1):
+                r = tree * n + node
+                here = at == node
+                if not here.any() or r in fixed:
+                    continue
+                s = xs[here] @ w_in[r]
+                if np.abs(s + b[r]).min() < margin:
+                    edges = np.sort(-s)
+                    lo = np.concatenate([[-BIAS_MAX], edges + margin])   # allowed intervals [lo, hi]
+                    hi = np.concatenate([edges - margin, [BIAS_MAX]])
+                    lo, hi = np.ceil(lo / BIAS_GRID) * BIAS_GRID, np.floor(hi / BIAS_GRID) * BIAS_GRID
+                    ok = lo <= hi
+                    if ok.any():
+                        nearest = np.clip(b[r], lo[ok], hi[ok])  # per interval, the point nearest b
+                        b[r] = nearest[np.argmin(np.abs(nearest - b[r]))]
+            z = np.einsum("th,th->t", xs, w_in[tree * n + at]) + b[tree * n + at]
+            at = 2 * at + np.where(z > 0, 2, 1)
+    return b
+
 
 @st.composite
 def fff_problem(draw, shapes=None, dtypes=("float32", "float32", "float16", "bfloat16")):
@@ -75,9 +119,16 @@ def fff_problem(draw, shapes=None, dtypes=("float32", "float32", "float16", "bfl
     w_in[zero_nodes] = 0.0
     b_in[zero_nodes] = 0.0
     # Round the inputs to the test dtype once, so every implementation sees the same values.
-    arrays = [np.array(mx.array(a.astype(np.float32)).astype(MX_DTYPES[dtype]).astype(mx.float32)).astype(np.float64)
-              for a in (x, w_in, b_in, w_out)]
-    return trees, depth, top, dtype, arrays, rng.normal(size=(*lead, hidden))
+    x, w_in, w_out = [np.array(mx.array(a.astype(np.float32)).astype(MX_DTYPES[dtype]).astype(mx.float32))
+                      .astype(np.float64) for a in (x, w_in, w_out)]
+    b_in = away_from_ties(x, w_in, b_in, trees, depth, 1.01 * max(EPS_DENSE[dtype], EPS_COND), set(zero_nodes))
+    return trees, depth, top, dtype, [x, w_in, b_in, w_out], rng.normal(size=(*lead, hidden))
+
+
+def compared(keep: np.ndarray) -> np.ndarray:
+    """keep (tokens,) bool, after asserting that enough tokens are compared."""
+    assert keep.mean() >= MIN_COMPARED, f"only {keep.sum()} of {keep.size} tokens compared"
+    return keep
 
 
 def as_mx(a, dtype):
@@ -102,12 +153,12 @@ def test_forward_agrees_across_implementations(problem):
     args = [as_mx(a, dtype) for a in (x, w_in, b_in, w_out)]
     cond = mlx_fff.fff_conditional(*args, trees, depth, top)
     assert cond.dtype == MX_DTYPES[dtype] and cond.shape == x.shape
-    keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
+    keep = compared(~excused(x, w_in, b_in, trees, depth, EPS_COND))
     # float32 accumulation error (~1e-6 relative here) plus one rounding to the output dtype.
     assert_close_on(np.array(cond.astype(mx.float32)), truth, keep, fff_forward_tolerance(truth, dtype), "conditional")
 
     dense = mlx_fff.fff_dense(*args, trees, depth)
-    keep_d = ~excused(x, w_in, b_in, trees, depth, EPS_DENSE[dtype])
+    keep_d = compared(~excused(x, w_in, b_in, trees, depth, EPS_DENSE[dtype]))
     # The dense path works in the input dtype throughout: logits, GELU, and a sum over
     # all P*n nodes each carry that dtype's rounding.
     tol_d = scale * (1e-5 if dtype == "float32" else 40 * UNIT[dtype])
@@ -144,7 +195,7 @@ def test_gradients_agree_across_implementations(problem):
     dense = grads(mlx_fff.fff_dense)
     # Tokens near a routing tie would send their gradient to other rows: drop them from
     # the comparison entirely by recomputing every gradient with those tokens' dy zeroed.
-    bad = excused(x, w_in, b_in, trees, depth, EPS_COND)
+    bad = ~compared(~excused(x, w_in, b_in, trees, depth, EPS_COND))
     if bad.any():
         dy = dy.reshape(bad.shape[0], -1).copy()
         dy[bad] = 0
@@ -195,7 +246,7 @@ def test_metal_path_agrees_with_reference(problem):
     the conditional tolerances apply."""
     trees, depth, _, dtype, (x, w_in, b_in, w_out), dy = problem
     truth = ref_fff.fff_descent(x, w_in, b_in, w_out, trees, depth)
-    keep = ~excused(x, w_in, b_in, trees, depth, EPS_COND)
+    keep = compared(~excused(x, w_in, b_in, trees, depth, EPS_COND))
     args = [as_mx(a, dtype) for a in (x, w_in, b_in, w_out)]
     with metal_kernels():
         y = mlx_fff.fff_conditional(*args, trees, depth, backend="metal")
@@ -215,3 +266,20 @@ def test_metal_path_agrees_with_reference(problem):
             assert_close_on(np.array(g), w, keep, tol, "metal dx")
         else:
             np.testing.assert_allclose(np.array(g), w, atol=tol, rtol=0, err_msg=f"metal d{name}")
+
+
+def test_visits_by_row_groups_in_token_order_and_refuses_int32_overflow():
+    """The one grouping routine of the Python side (the MLX-ops backward and the Metal
+    backward both use it): row r's visits, in flat index order, at order[offsets[r]:...]."""
+    rng = np.random.default_rng(3)
+    rows = rng.integers(0, 9, size=(50, 2, 3)).astype(np.int32)
+    rows[:, :, 0] = 0  # a heavy row, as every tree's root is
+    order, offsets = mlx_fff.visits_by_row(mx.array(rows), 10)  # row 9: never visited
+    flat = rows.reshape(-1)
+    np.testing.assert_array_equal(np.array(order), np.argsort(flat, kind="stable"))
+    np.testing.assert_array_equal(np.array(offsets), np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=10))]))
+    assert order.dtype == offsets.dtype == mx.int32
+    # 2^31 visits would overflow the int32 indices: refused before anything is computed
+    # (a broadcast, never evaluated, allocates nothing).
+    with pytest.raises(ValueError, match=r"2147483648 visits"):
+        mlx_fff.visits_by_row(mx.broadcast_to(mx.zeros((1, 1, 1), mx.int32), (2**30, 2, 1)), 1)

@@ -32,7 +32,7 @@ from ufb_mlx.metal_emu import metal_kernels
 from ufb_mlx.model import classification_loss, mlm_loss
 from ufb_ref.model import mlm_loss as ref_mlm_loss
 
-from conftest import CLS, MLM
+from conftest import CLS, MLM, require_extension
 
 # "conditional-gather" forces every level through the gather/scatter path (no top-level
 # matmul), so both halves of the conditional implementation meet the golden data;
@@ -57,6 +57,7 @@ def load_mlx(monkeypatch):
                 stack.enter_context(metal_kernels())
                 backend = "metal"
             if mode.endswith("-cpu"):
+                require_extension()
                 backend = "cpu"
             return ufb_mlx.load(path, fff_mode="dense" if mode.startswith("dense") else "conditional",
                                 backend=backend)

@@ -3,7 +3,7 @@ in float64: on the GPU wherever MLX has Metal (a Mac), else through the emulator
 ufb_mlx/metal_emu, which runs the same kernel text on the CPU. The choice is made in one
 place, ``ufb_mlx.metal_emu.metal_kernels()`` (the `metal` fixture enters it).
 
-ufb_mlx.kernels.launch is the one place that calls Metal, so fff_forward / fff_backward
+ufb_mlx.metal_kernels.launch is the one place that calls Metal, so fff_forward / fff_backward
 run end to end (validation, launch configuration, the MLX glue between the backward
 kernels) exactly as on a Mac. The tests of the emulator itself (its text generation,
 faults and simdgroup semantics) need only a C++ compiler, and run on a Mac too.
@@ -28,6 +28,7 @@ Tolerances (references in float64 from the same rounded inputs the kernels read)
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -36,7 +37,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from ufb_mlx import kernels as K
+from ufb_mlx import metal_kernels as K
 from ufb_mlx.metal_emu import harness
 from ufb_mlx.metal_emu import (HarnessError, Kernel, compiled_text, emulated_launch, metal_kernels,
                                metal_runner, run_kernel, unavailable_reason)
@@ -151,10 +152,9 @@ def assert_close(actual, expected, magnitude, name, rounding=0.0):
     )
 
 
-@pytest.fixture
-def metal(monkeypatch):
-    """The kernels run where this machine runs them (metal_kernels()); yields the names of
-    the kernels launched, in order."""
+def _recording_launches(monkeypatch, ftz: bool):
+    if metal_runner() == "emulator" and unavailable_reason() is not None:
+        pytest.skip(unavailable_reason())
     launched = []
     real = K.launch
 
@@ -163,8 +163,27 @@ def metal(monkeypatch):
         return real(spec, inputs, config)
 
     monkeypatch.setattr(K, "launch", recorded)
-    with metal_kernels():
+    with metal_kernels(ftz=ftz):
         yield launched
+
+
+@pytest.fixture(params=[False, True], ids=["ieee", "ftz"])
+def metal(request, monkeypatch):
+    """The kernels run where this machine runs them (metal_kernels()); yields the names of
+    the kernels launched, in order. Off a Mac every test runs twice in the emulator: with
+    IEEE float32 subnormals, and flushed to zero as Apple GPUs compute ("ftz"), so that a
+    test or kernel that relies on subnormals fails here. On a GPU the hardware decides,
+    and the second run would repeat the first. Without a GPU or a C++ compiler: skipped,
+    saying why."""
+    if request.param and metal_runner() == "gpu":
+        pytest.skip("on a Metal GPU the hardware's own float32 handling runs (the 'ieee' run)")
+    yield from _recording_launches(monkeypatch, ftz=request.param)
+
+
+@pytest.fixture
+def metal_ieee(monkeypatch):
+    """`metal` with IEEE subnormals only, for a test about indexing rather than arithmetic."""
+    yield from _recording_launches(monkeypatch, ftz=False)
 
 
 def reference_forward(layer: Layer):
@@ -253,8 +272,8 @@ def assert_deterministic(layer: Layer):
     writes without a sync. On a GPU the scheduling itself varies between runs."""
     first = _outputs(layer)
     if metal_runner() == "emulator":
-        with K.use_launcher(lambda spec, inputs, config: emulated_launch(
-                spec, inputs, config, lane_order="reverse")):
+        # the metal fixture's launcher (its ftz mode kept), lanes in reverse order
+        with K.use_launcher(functools.partial(K._launcher, lane_order="reverse")):
             second = _outputs(layer)
     else:
         second = _outputs(layer)
@@ -276,6 +295,7 @@ def test_where_the_metal_path_runs(monkeypatch, has_metal):
     from ufb_mlx.metal_emu import runner
 
     monkeypatch.setattr(mx.metal, "is_available", lambda: has_metal)
+    monkeypatch.setattr(runner, "unavailable_reason", lambda: None)  # a compiler, to begin with
     assert metal_runner() == ("gpu" if has_metal else "emulator")
     assert check.runs_on("metal")[1] is (not has_metal)
     assert K._launcher is None
@@ -296,20 +316,22 @@ def test_where_the_metal_path_runs(monkeypatch, has_metal):
 # ---- launch configuration from the width; rows visited by many tokens ----------------------
 
 
-@pytest.mark.parametrize("hidden", [1, 40, 768, 1024, 1025, 2048, 4096, 8192, 32768, 40000])
+@pytest.mark.parametrize("hidden", [1, 40, 768, 1024, 1025, 2048, 4096, 8192, 8224, 16384, 32768,
+                                    40000])
 def test_launch_configuration_follows_the_width(hidden):
     """Per-token kernels: 32*G lanes per token with at most MAX_PER_LANE values of a row
-    per lane (up to G = 32), threadgroups of at most THREADGROUP_MAX threads (unless one
-    token needs more simdgroups than that), never more than 1024 (Metal's cap). Row
-    kernels: at most ROWS_THREADGROUP_MAX threads splitting H."""
+    per lane up to G = MAX_GROUPS, then more values per lane; threadgroups of at most
+    THREADGROUP_MAX threads whatever the width (Metal's cap is 1024, a register-heavy
+    pipeline's may be 384 or less). Row kernels: at most ROWS_THREADGROUP_MAX threads
+    splitting H."""
     inputs = [mx.zeros((16, hidden))] + [mx.zeros((7, hidden)), mx.zeros((7,)), mx.zeros((7, hidden))]
     config = K.FORWARD.configure(inputs, 1, 2)
     template = dict(config.template)
     lanes, tokens_per_group = config.threadgroup[0], config.threadgroup[1]
     assert lanes == 32 * template["G"] and config.grid == (lanes, 16, 1)
     per_lane = -(-hidden // lanes)
-    assert per_lane <= K.MAX_PER_LANE or template["G"] == 32
-    assert (lanes * tokens_per_group <= K.THREADGROUP_MAX or tokens_per_group == 1) and lanes <= 1024
+    assert per_lane <= K.MAX_PER_LANE or template["G"] == K.MAX_GROUPS
+    assert lanes * tokens_per_group <= K.THREADGROUP_MAX == 256
     assert template["TGS"] >= template["G"] * tokens_per_group  # scratch for every token's sums
     if hidden <= 32 * K.MAX_PER_LANE:
         assert template["G"] == 1 and tokens_per_group == 8
@@ -336,6 +358,21 @@ def test_wide_models_match_reference(case, metal):
         assert_deterministic(layer)
 
 
+@pytest.mark.parametrize("case", [(1, 2, 8192 + 32, 3, mx.float32), (2, 1, 16384, 2, mx.bfloat16)],
+                         ids=case_id)
+def test_widths_past_8192_match_reference(case, metal):
+    """Past H = 8192 a token keeps 8 simdgroups (256 threads) and each lane more than 32
+    values of a row (33 at 8192 + 32, with a partial last column; 64 at 16384): launches
+    within every pipeline limit, results as at any width. Few tokens: the emulator's cost
+    grows with T * H."""
+    P, D, H, T, dtype = case
+    layer = Layer(P, D, H, T, dtype, seed=zlib.crc32(case_id(case).encode()))
+    x, w_in, b_in, w_out_t = layer.forward_inputs()
+    config = K.FORWARD.configure([x, w_in, b_in, w_out_t], P, D)
+    assert dict(config.template)["G"] == K.MAX_GROUPS and config.threadgroup[:2] == (256, 1)
+    check_against_reference(layer)
+
+
 @pytest.mark.parametrize("case", [(1, 3, 40, 20, mx.float32), (3, 2, 70, 33, mx.float16),
                                   (1, 4, 2048, 12, mx.float32)], ids=case_id)
 def test_rows_split_into_chunks_match_reference(case, metal, monkeypatch):
@@ -350,18 +387,21 @@ def test_rows_split_into_chunks_match_reference(case, metal, monkeypatch):
     assert_deterministic(layer)
 
 
-def test_8192_tokens(metal):
+def test_8192_tokens(metal_ieee):
     """A pretraining-sized batch with the default chunk: the root of each tree (8192
     visits) is split into 32 chunks, the levels below into fewer, down to one. The
     width stays small (H=96) because the split depends on visit counts, not on H (the
     width cases above cover H), and the emulator pays per lane and sync point: this
-    case alone is ~1.5M lane-syncs."""
+    case alone is ~1.5M lane-syncs, so it runs once (IEEE), not also with flush-to-zero:
+    the split is integer arithmetic."""
     P, D, H, T = 2, 5, 96, 8192
     layer = Layer(P, D, H, T, mx.float32, seed=8192)
     check_against_reference(layer)
-    assert metal == SPLIT_ROWS
+    assert metal_ieee == SPLIT_ROWS
+    from ufb_mlx.fff import visits_by_row  # the Metal backward's grouping, shared with fff.py
+
     rows = mx.array(reference_forward(layer)[1].astype(np.int32))
-    _, offsets = K.visits_by_row(rows, P * ref.n_nodes(D))
+    _, offsets = visits_by_row(rows, P * ref.n_nodes(D))
     chunk_offsets, bound = K.row_chunks(offsets, T, P * (D + 1))
     per_row = np.diff(np.array(chunk_offsets))
     roots = np.arange(P) * ref.n_nodes(D)
@@ -438,7 +478,7 @@ def test_translation_unit_suits_clang(spec):
 
 
 def test_kernel_objects_get_the_metal_files_verbatim(monkeypatch):
-    """ufb_mlx.kernels hands mx.fast.metal_kernel the unmodified files; construction
+    """ufb_mlx.metal_kernels hands mx.fast.metal_kernel the unmodified files; construction
     works off-Mac (only calling needs Metal)."""
     seen = {}
     real = mx.fast.metal_kernel
@@ -495,9 +535,14 @@ def test_erf_and_gelu_accuracy(metal):
     """Against math.erf / math.erfc in float64 on a dense grid plus the branch points.
     Measured here: erf 7.5e-8 relative (1.1 float32 ulp), erfc 3.2e-7 relative, gelu
     4.1e-7 relative, gelu' 1.3e-7 absolute. Bounds, about twice that: erf 1.5e-7
-    relative; erfc 6e-7 relative while it is a normal float (x < 9.2: its exp(-x^2) is
-    split so a large x^2 costs no accuracy); gelu 8e-7 relative for z >= -13 (no
-    1 - erf cancellation for negative z); gelu' 2.5e-7 absolute (it is O(1))."""
+    relative; erfc 6e-7 relative while it is a normal float32 (its exp(-x^2) is split so
+    a large x^2 costs no accuracy); gelu 8e-7 relative for z >= -13 while normal (no
+    1 - erf cancellation for negative z); gelu' 2.5e-7 absolute (it is O(1)).
+    Below the smallest normal float32, 2**-126 (erfc for x > ~9.19), a relative bound
+    means nothing: Apple GPUs flush subnormal results to zero (the "ftz" run does too),
+    and IEEE subnormals carry fewer significant bits. There the error may be anything up
+    to 2**-126 in absolute terms, which is what flushing costs. The model never sees such
+    values (gelu of z < -13 is below 1e-37)."""
     pts = np.concatenate([
         np.linspace(-12, 12, 48001),
         [0.0, 1e-30, -1e-30, 1e-10, 1.0, -1.0, np.nextafter(1.0, 0), -np.nextafter(1.0, 0),
@@ -519,10 +564,12 @@ def test_erf_and_gelu_accuracy(metal):
     nz = erf_r != 0
     assert erf_k[~nz].tolist() == erf_r[~nz].tolist()
     assert np.max(np.abs(erf_k - erf_r)[nz] / np.abs(erf_r[nz])) <= 1.5e-7
-    normal = x < 9.2
+    tiny = 2.0**-126  # the smallest normal float32
+    normal = erfc_r >= tiny
     assert np.max(np.abs(erfc_k - erfc_r)[normal] / erfc_r[normal]) <= 6e-7
-    assert np.all(np.abs(erfc_k[~normal] - erfc_r[~normal]) <= 1e-38)
-    sel = (x >= -13) & (gelu_r != 0)
+    assert np.all(np.abs(erfc_k[~normal] - erfc_r[~normal]) <= tiny)
+    assert (~normal).sum() >= 20 and normal[x < 9.19].all()  # the grid reaches below 2**-126
+    sel = (x >= -13) & (np.abs(gelu_r) >= tiny)
     assert np.max(np.abs(gelu_k - gelu_r)[sel] / np.abs(gelu_r[sel])) <= 8e-7
     assert np.all(np.abs(gelu_k - gelu_r)[x < -13] <= 1e-37)
     assert np.max(np.abs(grad_k - grad_r)) <= 2.5e-7
@@ -541,10 +588,13 @@ PROBE_HEAD = "const uint i = thread_position_in_grid.x;\n"
         ("out[i] = metal::precise::erf(inp[i]);", False, "precise::erf"),
         ("const device float* p = inp;\nout[i] = p[i];", False, "`device`"),
         ("#include <metal_atomic>\nout[i] = inp[i];", False, "preprocessor"),
+        ("#pragma unroll\nfor (uint j = 0; j < 2u; ++j) {\n  out[i] = inp[i];\n}", False, "preprocessor"),
+        ("#pragma clang loop unroll(full)\nout[i] = inp[i];", False, "must precede a for loop"),
         ("out[i] = inp[i] + float(thread_index_in_quadgroup);", False, "quadgroup"),
         ("atomic_fetch_add_explicit(&out[0], inp[i], memory_order_relaxed);", True, "atomic"),
     ],
-    ids=["simd_prefix", "precise_erf", "device_pointer", "include", "quadgroup", "atomics"],
+    ids=["simd_prefix", "precise_erf", "device_pointer", "include", "other_pragma", "stray_unroll",
+         "quadgroup", "atomics"],
 )
 def test_harness_rejects_unmodelled_constructs(body, atomic, message):
     kern = Kernel("reject_probe", ("inp",), ("out",), PROBE_HEAD + body, atomic_outputs=atomic)
@@ -611,3 +661,61 @@ def test_harness_simdgroup_and_threadgroup_semantics():
     np.testing.assert_array_equal(out[:, 5], v[base + (lane ^ 5)])
     t = np.arange(128) % 64
     np.testing.assert_array_equal(out[:, 6], v[np.arange(128) - t + (t + 1) % 64])
+
+
+FTZ_PROBE = Kernel(
+    name="ftz_probe",
+    input_names=("inp",),
+    output_names=("out",),
+    source="""
+const uint i = thread_position_in_grid.x;
+out[2 * i] = inp[i] * 0.5f;
+out[2 * i + 1] = simd_sum(inp[i]);
+""",
+)
+
+
+@needs_compiler
+def test_harness_flushes_subnormals_when_asked():
+    """ftz=True: a product that would be subnormal is 0, and subnormal operands count as 0
+    (also in simd_sum), as on Apple GPUs; ftz=False keeps IEEE subnormals. The calling
+    thread's own arithmetic is IEEE again afterwards."""
+    v = np.full(32, 2.0**-140, np.float32)
+    v[0] = 2.0**-126
+    results = {}
+    for ftz in (False, True):
+        (out,) = run_kernel(FTZ_PROBE, [v], grid=(32, 1, 1), threadgroup=(32, 1, 1),
+                            output_shapes=[(64,)], output_dtypes=[mx.float32], ftz=ftz)
+        results[ftz] = np.array(out).reshape(32, 2)
+    ieee, ftz = results[False], results[True]
+    np.testing.assert_array_equal(ieee[:, 0], v * np.float32(0.5))
+    assert ieee[0, 0] == np.float32(2.0**-127) and ieee[0, 1] == np.float32(2.0**-126 + 31 * 2.0**-140)
+    assert (ftz[:, 0] == 0).all() and (ftz[:, 1] == np.float32(2.0**-126)).all()
+    assert np.float32(2.0**-126) * np.float32(0.5) == np.float32(2.0**-127)
+
+
+def test_per_lane_loops_are_compile_time_bounded_and_unrolled():
+    """Every per-lane register array of metal/ has a compile-time size computed from the
+    template arguments, and every loop over that size is fully unrolled, so each element
+    has a constant index and can stay in a register (the header comments say which
+    arrays and why)."""
+    template_names = {"H", "P", "D", "G", "TGS", "C", "YT"}
+    arrays_seen = 0
+    for path in sorted(K.METAL_DIR.glob("*.metal")):
+        lines = path.read_text().splitlines()
+        code = "\n".join(ln.split("//")[0] for ln in lines)
+        constexprs = dict(re.findall(r"constexpr\s+\w+\s+(\w+)\s*=\s*([^;]+);", code))
+        sizes = set(re.findall(r"^\s*float\s+\w+\[(\w+)\];", code, re.M))
+        arrays_seen += len(re.findall(r"^\s*float\s+\w+\[(\w+)\];", code, re.M))
+        for size in sizes:
+            assert size in constexprs, f"{path.name}: array size {size} is not a constexpr"
+            names = set(re.findall(r"[A-Za-z_]\w*", constexprs[size])) - {"uint", "u"}
+            assert names <= template_names | set(constexprs), (path.name, size, names)
+        if sizes:  # the header comment says what stays in registers
+            assert "// Registers" in path.read_text(), path.name
+        for i, line in enumerate(lines):
+            m = re.match(r"\s*for \(uint \w+ = 0; \w+ < (\w+);", line)
+            if m and m.group(1) in sizes:
+                assert lines[i - 1].strip() == "#pragma clang loop unroll(full)", (
+                    f"{path.name} line {i + 1}: loop over {m.group(1)} without full unrolling")
+    assert arrays_seen == 4  # xv, acc (forward); g, acc (backward_tokens)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from ufb_mlx import kernels
+from ufb_mlx import metal_kernels
 
 from conftest import REPO
 
@@ -83,16 +83,16 @@ def test_the_package_comes_from_the_wheel(installed):
 
 
 def test_kernel_sources_and_emulator_ship_in_the_wheel(installed):
-    got = probe(installed, "import json; from ufb_mlx import kernels, metal_emu; from ufb_mlx.metal_emu import harness; "
-                           "print(json.dumps({'dir': str(kernels.METAL_DIR), 'missing': kernels.missing_sources(), "
-                           "'sources': {s.name: [s.source, s.header] for s in kernels.KERNELS}, "
+    got = probe(installed, "import json; from ufb_mlx import metal_kernels, metal_emu; from ufb_mlx.metal_emu import harness; "
+                           "print(json.dumps({'dir': str(metal_kernels.METAL_DIR), 'missing': metal_kernels.missing_sources(), "
+                           "'sources': {s.name: [s.source, s.header] for s in metal_kernels.KERNELS}, "
                            "'emu': [str(harness.PRELUDE), str(harness.RUNTIME), harness.PRELUDE.is_file(), "
                            "harness.RUNTIME.is_file()]}))")
     metal_dir = Path(got["dir"])
     assert metal_dir.name == "metal" and metal_dir.parent.name == "ufb_mlx" and not metal_dir.is_relative_to(REPO)
     assert got["missing"] == []
-    assert set(got["sources"]) == {s.name for s in kernels.KERNELS}
-    for spec in kernels.KERNELS:  # the very text of the repository's metal/
+    assert set(got["sources"]) == {s.name for s in metal_kernels.KERNELS}
+    for spec in metal_kernels.KERNELS:  # the very text of the repository's metal/
         source, header = got["sources"][spec.name]
         assert source == (REPO / "metal" / spec.file).read_text()
         assert header == ((REPO / "metal" / spec.header_file).read_text() if spec.header_file else "")

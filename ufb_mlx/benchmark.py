@@ -287,14 +287,12 @@ def _fmt_ms(v: float) -> str:
 def render(doc: dict) -> str:
     env = doc["env"]
     fb = env["fff_backends"]
-    present = ", ".join(b for b in ("cpu", "metal") if fb[b]) or "none"
     out = [f"UltraFastBERT-MLX benchmark: {doc['benchmark']}   ({env['date']})",
            f"device : {env['device']} ({env['device_name']}, {env['cpu_count']} CPUs, "
            f"load average {env['load_average']})   backend: {env['backend']}",
            f"BLAS   : {env['blas']}; {env['matmul_n']}^3 matmul {env['matmul_gflops']:.1f} GFLOP/s"
            + (f"; mapped: {', '.join(env['openblas_mapped'])}" if env["openblas_mapped"] else ""),
-           f"FFF    : fused implementations present: {present}; 'auto' runs {fb['auto']}"
-           + (f" (cpu: {fb['cpu_reason']})" if fb.get("cpu_reason") else "")]
+           f"FFF    : 'auto' runs {fb['auto']}; {backend_lib.present_line(fb)}"]
     cfg = doc["config"]
     out.append("config : " + ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None))
     if not env["dense_fair"]:
@@ -471,10 +469,11 @@ def bench_layer(opts, env) -> dict:
                 if a.name not in ("masked_dense", f"sgemm2_{width}")]
         log(f"[layer] tokens={T}: timing {len(arms)} arms ({what}) ...")
         with phase(f"[layer] tokens={T}", len(arms)) as progress:
-            _check_same(arms, same, f"tokens={T}", notes, progress)
+            checks = _check_same(arms, same, f"tokens={T}", notes, progress)
             times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget,
                                   blocks=opts.schedule == "blocks", progress=progress)
         g = group(f"layer {what}, H={H}, {P}x{D} ({width} neurons), tokens={T}", {"tokens": T}, T, arms, times, reps)
+        g["checks"] = checks
         for a in arms:
             if a.name.startswith("fff_"):
                 for b in arms:
@@ -492,11 +491,12 @@ DESCRIBE = {"ops": "MLX operations", "cpu": "fused C++ primitive (csrc/)", "meta
 
 
 def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes: list,
-                progress: Progress | None = None) -> None:
+                progress: Progress | None = None) -> list[dict]:
     """Arms compared by a ratio must compute the same thing: same input, same output shape
     and, for pairs marked True (the same function: conditional vs masked-dense), the same
     values (rows whose routing differs by a float tie at z ~ 0 are tolerated up to 1 %).
-    Runs every arm once: that call is the first warm-up call."""
+    Runs every arm once: that call is the first warm-up call. Returns the value checks
+    (the results' "checks": arm, baseline, the fraction of rows that differ, agree)."""
     # Backward arms return every gradient; the input gradient (the first) stands for them.
     outs = {}
     for a in arms:
@@ -505,6 +505,7 @@ def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes
             outs[a.name] = np.asarray(out[0] if isinstance(out, (tuple, list)) else out)
         if progress is not None:
             progress.update(1)
+    checks = []
     for a, b, values in pairs:
         if a not in outs or b not in outs:
             continue
@@ -516,8 +517,30 @@ def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes
         x, y = outs[a].reshape(-1, outs[a].shape[-1]), outs[b].reshape(-1, outs[b].shape[-1])
         tol = 1e-3 * (float(np.abs(y).max()) + 1e-6)
         bad = ~np.isclose(x, y, rtol=1e-3, atol=tol).all(-1)
-        if bad.mean() > 0.01:
-            notes.append(f"{size}: {a} and {b} differ on {bad.mean():.1%} of rows")
+        checks.append(_agreement(a, b, float(bad.mean()), "rows", size, notes))
+    return checks
+
+
+def _agreement(a: str, b: str, differ: float, of: str, size, notes: list) -> dict:
+    if differ > 0.01:
+        notes.append(f"{size}: {a} and {b} differ on {differ:.1%} of {of}")
+    return {"arm": a, "baseline": b, "differ": differ, "of": of, "agree": differ <= 0.01}
+
+
+def _check_same_step(models: list[tuple[str, Any]], loss_fn, batch: tuple, size, notes: list) -> list[dict]:
+    """The train arms' models start from the same weights: one dropout-free loss and
+    gradient of each must agree (elements of the flattened gradients and loss within 1e-3
+    relative to the largest; up to 1 % may differ, as routing ties may move a row)."""
+    outs = []
+    for _, m in models:
+        m.eval()
+        loss, grads = nn.value_and_grad(m, loss_fn)(m, *batch)
+        m.train()
+        outs.append(np.concatenate([np.array(loss, dtype=np.float32).reshape(1)] +
+                                   [np.array(g, dtype=np.float32).reshape(-1) for _, g in tree_flatten(grads)]))
+    (a, x), (b, y) = [(name, o) for (name, _), o in zip(models, outs)]
+    bad = ~np.isclose(x, y, rtol=1e-3, atol=1e-3 * (float(np.abs(y).max()) + 1e-6))
+    return [_agreement(a, b, float(bad.mean()), "gradient elements", size, notes)]
 
 
 def _model_args(opts, task="mlm") -> ModelArgs:
@@ -681,11 +704,13 @@ def bench_model(opts, env) -> dict:
                                 dense_blas=True, remote=True))
             log(f"[model] batch={B} seq={S}: timing {len(arms)} arms ...")
             with phase(f"[model] batch={B}", len(arms)) as progress:
-                _check_same(arms, [(c, d, True)] + ([(cf, df, True)] if mlm else []), f"batch={B}", notes, progress)
+                checks = _check_same(arms, [(c, d, True)] + ([(cf, df, True)] if mlm else []), f"batch={B}", notes,
+                                     progress)
                 times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget, progress=progress)
             g = group(f"model ({args.num_layers} layers, H={args.hidden_size}, {args.fff_trees}x{args.fff_depth}, "
                       f"vocab {args.vocab_size}, backend {impl}) batch={B} seq={S}", {"batch": B, "seq": S},
                       B * S, arms, times, reps)
+            g["checks"] = checks
             pairs = [(c, d)] + ([(cf, d), (cf, df)] if mlm else [])
             if hf is not None:
                 pairs += [(c, "hf_bert_forward"), (cf, "hf_bert_forward")]
@@ -716,10 +741,10 @@ def bench_train(opts, env) -> dict:
         cond = _as_loaded(Model(args, "conditional", opts.backend))
     S = _check_seq(opts, args)
     dense = Model(args, "dense", opts.backend)
-    dense.update(cond.parameters())  # same starting weights; each arm then updates its own
     loss_fn = classification_loss if task == "classification" else mlm_loss
     doc: dict = {"results": [], "notes": []}
     for B in opts.batch:
+        dense.update(cond.parameters())  # same starting weights; each arm then updates its own
         rng = np.random.default_rng(B)
         ids = mx.array(rng.integers(7, args.vocab_size, size=(B, S)).astype(np.int32))
         mask = mx.ones((B, S), dtype=mx.int32)
@@ -731,8 +756,10 @@ def bench_train(opts, env) -> dict:
             sel[:, 0] = True
             lab[sel] = rng.integers(7, args.vocab_size, size=int(sel.sum()))
             labels = lab
+        models = [(f"conditional_step_{impl}", cond), (f"dense_step_{impl}", dense)]
+        checks = _check_same_step(models, loss_fn, (ids, mask, labels), f"batch={B}", doc["notes"])
         arms = []
-        for name, m in ((f"conditional_step_{impl}", cond), (f"dense_step_{impl}", dense)):
+        for name, m in models:
             m.set_dropout(0.1)
             m.train()
             opt = optim.AdamW(learning_rate=4e-5, betas=[0.9, 0.98], eps=1e-6, weight_decay=0.01)
@@ -751,6 +778,7 @@ def bench_train(opts, env) -> dict:
             times, reps = measure(arms, opts.reps, opts.warmup, opts.budget, progress=progress)
         g = group(f"train step ({args.num_layers} layers, H={args.hidden_size}, {args.fff_trees}x{args.fff_depth}, "
                   f"{task}, backend {impl}) batch={B} seq={S}", {"batch": B, "seq": S}, B * S, arms, times, reps)
+        g["checks"] = checks
         g["ratios"].append(ratio(g["arms"], arms[0].name, arms[1].name, True, env["dense_fair"]))
         doc["results"].append(g)
     doc["config"] = {"model": opts.model or ("random tiny" if opts.tiny else "random, released configuration"),

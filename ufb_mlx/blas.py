@@ -7,17 +7,17 @@ baselines measured without it are not fair. Set ``UFB_NO_OPENBLAS=1`` to keep th
 reference BLAS. Must run before anything imports mlx; ``ufb_mlx/__init__`` does it first.
 
 OpenBLAS picks its kernels by CPU model. Debian's 0.3.21 does not know recent Xeons
-(Sapphire Rapids here) and falls back to its generic "Prescott" kernels, with which the
+(Sapphire Rapids, for one) and falls back to its generic "Prescott" kernels, with which the
 ``x @ W.T`` products of every linear layer run ~4x slower (15 against 60 GFLOP/s for the
-768 x 2304 projection, one core). Unless the user set ``OPENBLAS_CORETYPE``, it is set
+768 x 2304 projection, one core of a Sapphire Rapids Xeon, 2026-11). Unless the user set ``OPENBLAS_CORETYPE``, it is set
 from the CPU's instruction sets before loading: SkylakeX kernels where AVX-512 is
 complete, Haswell kernels where AVX2 and FMA are; the core OpenBLAS reports is recorded.
 
 OpenBLAS's worker threads spin for 2^28 cycles (~0.1 s) after every call before they sleep,
 on the cores that the fused CPU kernels (csrc/: FFF, attention) run on next: measured on
 one FFF layer of 128 tokens right after a dense matmul, 1.14 ms against 0.67 ms with the
-spin cut short. Unless the user set ``OPENBLAS_THREAD_TIMEOUT``, it is set to 4 (2^4
-cycles); whole-model forwards measured the same either way.
+spin cut short (2-core Xeon VM, 2026-11). Unless the user set ``OPENBLAS_THREAD_TIMEOUT``,
+it is set to 4 (2^4 cycles); whole-model forwards measured the same either way.
 """
 
 from __future__ import annotations

@@ -132,7 +132,7 @@ def _f32(a) -> np.ndarray:
 def random_problems(count: int, seed: int) -> list[Problem]:
     """``count`` configurations: the two fixed ones of the module docstring, then random
     (trees 1-3, depth 0-8, width 1-160, 1-64 tokens)."""
-    from .kernels import ROW_CHUNK
+    from .metal_kernels import ROW_CHUNK
 
     rng = np.random.default_rng(seed)
     shapes = [(1, 11, 768, 64), (2, 4, 2048, ROW_CHUNK + 44)][:count]
@@ -374,11 +374,16 @@ def check(model: str | None = None, configs: int = 4, seed: int = 0, progress=No
 
 def format_report(doc: dict) -> str:
     m = doc["model"]
-    out = [f"ufb_mlx.check: mlx {doc['mlx']}, default device {doc['device']['default_device']}, "
-           f"auto picks {doc['device']['auto']!r}",
-           f"model {m['path']}: {m['layers']} layers, H={m['hidden']}, FFF {m['fff']}; "
-           f"{m['sequences']} sentences ({m['tokens']} token slots)",
-           f"random FFF configurations (seed {doc['seed']}): {', '.join(doc['configs']) or 'none'}", ""]
+    dev = doc["device"]
+    out = [f"ufb_mlx.check: mlx {doc['mlx']} on {dev['platform']}, default device "
+           f"{dev['default_device']}, auto picks {dev['auto']!r}",
+           backend_lib.present_line(dev)]
+    if dev["platform_problem"]:
+        out.append(f"platform: {dev['platform_problem']}; the Metal kernels run on a Mac's GPU "
+                   "only (here at most through the CPU emulator)")
+    out += [f"model {m['path']}: {m['layers']} layers, H={m['hidden']}, FFF {m['fff']}; "
+            f"{m['sequences']} sentences ({m['tokens']} token slots)",
+            f"random FFF configurations (seed {doc['seed']}): {', '.join(doc['configs']) or 'none'}", ""]
     rows = [("backend", "check", "max error", "tolerance", "result")]
     for b in doc["backends"]:
         if b["error"]:

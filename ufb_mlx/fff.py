@@ -13,7 +13,7 @@ table, then argmax). Below the top part each token reads only its own rows by ga
 and the backward sums into only those rows (visits sorted by row, one segmented matmul).
 Either way exactly the visited neurons contribute: the result is the masked-dense
 function and gradient. Where Metal is available the same custom_function runs the
-kernels of metal/ instead (see kernels.py).
+kernels of metal/ instead (see metal_kernels.py).
 
 Reading rows of ``w_out`` needs it transposed, (P*n, H) row-major; ``load()`` stores
 ``linear_out.weight`` as a transposed view of such a buffer, so ``mx.contiguous(w_out.T)``
@@ -30,9 +30,12 @@ import numpy as np
 from ufb_ref.fff import n_nodes
 
 from . import backend as backend_lib
-from . import cpu_kernels, kernels
+from . import cpu_kernels, metal_kernels
 
-TOP_LEVELS = 6  # levels computed as one small matmul: 63 rows per tree (measured best here)
+# Levels computed as one small matmul: 63 rows per tree. 6 measured faster than 7 at
+# 128-8192 tokens (2026-11, 2-core Xeon VM, MLX CPU with OpenBLAS); the best split depends
+# on the machine's matmul and gather speeds.
+TOP_LEVELS = 6
 COMPILE_MAX_TOKENS = 256  # up to this many tokens the forward runs as a compiled graph
 
 
@@ -208,13 +211,30 @@ def _dot_rows(table, r, v):
     return mx.stack([(table[r[:, k]] * v).sum(-1) for k in range(K)], axis=1)
 
 
+def visits_by_row(rows: mx.array, n_rows: int) -> tuple[mx.array, mx.array]:
+    """Group the visits by row: `order` (m,) int32 lists the flat indices of `rows` (for
+    (T, P, L) rows: (token*P + tree)*L + level) sorted by (row, index), so a row's visits
+    stay in token order; row r's visits are order[offsets[r]:offsets[r+1]], offsets
+    (n_rows + 1,) int32. MLX ops, so it runs on any device; the Metal backward
+    (kernels.py) and the segment sums below share it, csrc/fff_cpu.cpp has its C++ twin."""
+    m = rows.size
+    if m >= 2**31:  # order and offsets are int32, like the kernels' visit indices
+        raise ValueError(f"{m} visits do not fit int32 visit indices (at most 2^31 - 1): split the batch")
+    flat = rows.reshape(-1).astype(mx.int32)
+    # Unique keys make the order within a row (token order) independent of sort stability.
+    key_dtype = mx.int32 if n_rows * m < 2**31 else mx.int64
+    key = flat.astype(key_dtype) * m + mx.arange(m, dtype=key_dtype)
+    order = mx.argsort(key).astype(mx.int32)
+    counts = mx.zeros((n_rows,), dtype=mx.int32).at[flat].add(1)
+    offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(counts)])
+    return order, offsets
+
+
 def _segment_sums(rows, n_rows, tokens, dz, a, x, dy):
     """For visits k = (token t_k, row r_k) with coefficients dz_k and a_k:
     d_w_in[r] = sum dz_k x[t_k], d_b_in[r] = sum dz_k, d_w_out_t[r] = sum a_k dy[t_k]."""
-    order = mx.argsort(rows)
-    counts = mx.zeros((n_rows,), dtype=mx.int32).at[rows].add(1)
-    ends = mx.cumsum(counts)
-    segments = mx.stack([ends - counts, ends], axis=-1)
+    order, offsets = visits_by_row(rows, n_rows)
+    segments = mx.stack([offsets[:-1], offsets[1:]], axis=-1)
     tok = tokens[order]
     x1 = mx.concatenate([x[tok], mx.ones((tok.shape[0], 1), dtype=x.dtype)], axis=1)
     d_in = mx.segmented_mm(dz[order][None, :], x1, segments)[:, 0]   # (n_rows, H + 1)
@@ -241,13 +261,13 @@ def _conditional_metal(trees: int, depth: int):
 
     @mx.custom_function
     def f(x, w_in, b_in, w_out_t):
-        return kernels.fff_forward(x, w_in, b_in, w_out_t, trees, depth)
+        return metal_kernels.fff_forward(x, w_in, b_in, w_out_t, trees, depth)
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
         x, w_in, b_in, w_out_t = primals
         _, rows, z = outputs
-        grads = kernels.fff_backward(x, w_in, w_out_t, rows, z, cotangents[0].astype(x.dtype))
+        grads = metal_kernels.fff_backward(x, w_in, w_out_t, rows, z, cotangents[0].astype(x.dtype))
         return tuple(g.astype(p.dtype) for g, p in zip(grads, primals))
 
     return f

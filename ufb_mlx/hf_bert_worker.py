@@ -20,8 +20,8 @@ import os
 import sys
 import time
 
-# Run by path, this file's folder (ufb_mlx/) comes first on sys.path, where kernels.py would
-# shadow the `kernels` package that transformers may import.
+# Run by path, this file's folder (ufb_mlx/) comes first on sys.path, where its modules
+# (data.py, metrics.py, model.py, ...) would shadow installed packages of the same name.
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
 

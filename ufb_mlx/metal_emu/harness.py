@@ -7,10 +7,10 @@ returns the outputs as MLX arrays. See README.md for what is and is not modelled
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,18 +21,18 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from .. import toolchain
 from .source import ArrayMeta, Generated, HarnessError, check_supported, generate
 
 PRELUDE = Path(__file__).with_name("metal_prelude.hpp")
 RUNTIME = Path(__file__).with_name("runtime.cpp")
-# $CXX, else the first C++ compiler on PATH (on macOS `g++` and `c++` are Apple clang).
-CXX = os.environ.get("CXX") or next(
-    (c for c in ("g++", "c++", "clang++") if shutil.which(c)), "g++")
+CXX = toolchain.default_cxx()
 # IEEE float without contraction, so results do not depend on the build machine's FMA.
 # Metal's [[attributes]] are unknown to a C++ compiler: warnings, silenced.
 CXXFLAGS = [
     "-std=c++20", "-O2", "-fPIC", "-shared", "-pthread",
     "-fno-fast-math", "-ffp-contract=off", "-Wno-attributes", "-Wno-unknown-attributes",
+    "-Wno-unknown-pragmas",  # g++ ignores `#pragma clang loop unroll(full)`, clang honours it
 ]
 if sys.platform == "darwin":
     # A kernel library calls the runtime library's sync functions, which are resolved at
@@ -70,7 +70,7 @@ _BITS = {
 @dataclass(frozen=True)
 class Kernel:
     """A kernel described the way `mx.fast.metal_kernel` takes it (for test-only kernels;
-    any object with these attributes works, e.g. ufb_mlx.kernels.KernelSpec)."""
+    any object with these attributes works, e.g. ufb_mlx.metal_kernels.KernelSpec)."""
 
     name: str
     input_names: tuple
@@ -173,12 +173,12 @@ def cache_dir() -> Path:
     return d
 
 
+@functools.cache
 def unavailable_reason() -> str | None:
-    """Why kernels cannot be emulated here (no C++ compiler), or None."""
-    if shutil.which(CXX) is None:
-        return (f"the Metal kernel emulator needs a C++20 compiler and {CXX!r} was not found "
-                "(install g++ or clang, or set CXX)")
-    return None
+    """Why kernels cannot be emulated here (no usable C++ compiler: on macOS a stub
+    without the Command Line Tools does not count), or None."""
+    problem = toolchain.cxx_problem(CXX)
+    return f"the Metal kernel emulator needs a C++20 compiler: {problem}" if problem else None
 
 
 def _compile(source: Path, out: Path, what: str) -> None:
@@ -252,6 +252,7 @@ def run_kernel(
     init_value=None,
     *,
     lane_order: str = "forward",
+    ftz: bool = False,
     workers: int | None = None,
 ) -> list[mx.array]:
     """Run `spec` the way `mx.fast.metal_kernel(...)(inputs=..., ...)` would on a Mac.
@@ -259,6 +260,8 @@ def run_kernel(
     inputs: mx.arrays (any modelled dtype, bfloat16 included) or numpy arrays.
     lane_order: "forward" or "reverse", the order in which the scheduler runs lanes
     between sync points; a kernel whose result depends on it has a race.
+    ftz: flush float32 subnormals to zero (results and operands, simd_sum included), as
+    Apple GPUs do; False: IEEE subnormals, as the CPU computes by default.
     Outputs that init_value does not initialise start as 0xFF bytes (NaN / -1), so
     elements a kernel fails to write show up.
     """
@@ -311,7 +314,8 @@ def run_kernel(
 
     ptrs = (ctypes.c_void_p * len(buffers))(*[b.ctypes.data + PAD for b in buffers])
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-    cfg = (ctypes.c_int64 * 9)(*grid, *tg, int(lane_order == "reverse"), n_workers, STACK_BYTES)
+    cfg = (ctypes.c_int64 * 10)(*grid, *tg, int(lane_order == "reverse"), n_workers, STACK_BYTES,
+                                int(bool(ftz)))
     err = ctypes.create_string_buffer(4096)
     invoke = ctypes.cast(lib.ufb_emu_invoke, ctypes.c_void_p)
     if runtime().ufb_emu_launch(invoke, ptrs, cfg, err, len(err)) != 0:
@@ -327,6 +331,6 @@ def run_kernel(
 
 
 def emulated_launch(spec, inputs, config, **kw) -> list[mx.array]:
-    """A drop-in for ``ufb_mlx.kernels.launch`` that runs the kernel here instead of on
-    Metal: monkeypatch it in (with ``kernels.available`` -> True) to take the Metal path."""
+    """A drop-in for ``ufb_mlx.metal_kernels.launch`` that runs the kernel here instead of on
+    Metal: monkeypatch it in (with ``metal_kernels.available`` -> True) to take the Metal path."""
     return run_kernel(spec, inputs, **config.kwargs(), **kw)

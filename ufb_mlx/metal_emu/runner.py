@@ -9,7 +9,7 @@ import functools
 
 import mlx.core as mx
 
-from .. import kernels
+from .. import metal_kernels as kernel_launch
 from .harness import emulated_launch, unavailable_reason
 from .source import HarnessError
 
@@ -21,11 +21,13 @@ def metal_runner() -> str:
 
 
 @contextlib.contextmanager
-def metal_kernels(lane_order: str = "forward"):
-    """Within the block ``ufb_mlx.kernels``, and so ``fff_conditional(backend="metal")``,
+def metal_kernels(lane_order: str = "forward", ftz: bool = False):
+    """Within the block ``ufb_mlx.metal_kernels``, and so ``fff_conditional(backend="metal")``,
     runs the kernels of metal/ the way this machine can (``metal_runner()``, which it
     yields): unchanged on the GPU, else every launch goes to the emulator, run with
-    ``lane_order``. HarnessError (one line) when the emulator cannot build here."""
+    ``lane_order`` and ``ftz`` (flush float32 subnormals to zero, as Apple GPUs do; on a
+    GPU both are the hardware's). HarnessError (one line) when the emulator cannot build
+    here."""
     runner = metal_runner()
     if runner == "gpu":
         yield runner
@@ -33,5 +35,5 @@ def metal_kernels(lane_order: str = "forward"):
     reason = unavailable_reason()
     if reason:
         raise HarnessError(reason)
-    with kernels.use_launcher(functools.partial(emulated_launch, lane_order=lane_order)):
+    with kernel_launch.use_launcher(functools.partial(emulated_launch, lane_order=lane_order, ftz=ftz)):
         yield runner

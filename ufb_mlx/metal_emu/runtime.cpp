@@ -33,6 +33,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
+
 #include "metal_prelude.hpp"
 #undef device
 #undef constant
@@ -77,6 +81,41 @@ struct Worker {
 };
 
 thread_local Worker* tl_worker = nullptr;
+
+// Flush-to-zero, as Apple GPUs treat float32: subnormal results become 0 and subnormal
+// operands count as 0. A property of the OS thread's floating-point control register
+// (x86 MXCSR FTZ and DAZ bits; arm64 FPCR.FZ); the fibers' contexts, made on that thread
+// after it is set, carry it. set_ftz returns the previous register value for restore_fp.
+struct FpState {
+  uint64_t saved;
+};
+FpState set_ftz(bool on) {
+#if defined(__x86_64__) || defined(__i386__)
+  const unsigned csr = _mm_getcsr();
+  if (on) _mm_setcsr(csr | 0x8040u);  // FTZ (bit 15) | DAZ (bit 6)
+  return FpState{csr};
+#elif defined(__aarch64__)
+  uint64_t fpcr;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(fpcr));
+  if (on) {
+    const uint64_t flushed = fpcr | (uint64_t(1) << 24);  // FZ
+    __asm__ __volatile__("msr fpcr, %0" : : "r"(flushed));
+  }
+  return FpState{fpcr};
+#else
+  if (on) fail("flush-to-zero is not modelled on this CPU");
+  return FpState{0};
+#endif
+}
+void restore_fp(FpState s) {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_setcsr(unsigned(s.saved));
+#elif defined(__aarch64__)
+  __asm__ __volatile__("msr fpcr, %0" : : "r"(s.saved));
+#else
+  (void)s;
+#endif
+}
 
 [[noreturn]] void fail(const std::string& msg) { throw std::runtime_error(msg); }
 
@@ -292,13 +331,15 @@ extern "C" void ufb_emu_sync_barrier(int site) {
 }
 
 // cfg: grid[3], threadgroup[3] (already clipped to the grid, as MLX does),
-//      lane order (0 forward, 1 reverse), OS worker threads, fiber stack bytes.
+//      lane order (0 forward, 1 reverse), OS worker threads, fiber stack bytes,
+//      flush-to-zero (0 IEEE subnormals, 1 flushed as on Apple GPUs).
 extern "C" int ufb_emu_launch(Invoke invoke, void** bufs, const int64_t* cfg, char* err, int errlen) {
   const uint grid[3] = {uint(cfg[0]), uint(cfg[1]), uint(cfg[2])};
   const uint3 tg{uint(cfg[3]), uint(cfg[4]), uint(cfg[5])};
   const bool reverse = cfg[6] != 0;
   const uint64_t n_workers_req = uint64_t(std::max<int64_t>(1, cfg[7]));
   const size_t stack_size = size_t(cfg[8]);
+  const bool ftz = cfg[9] != 0;
   if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0) return 0;
   const uint ntx = (grid[0] + tg.x - 1) / tg.x, nty = (grid[1] + tg.y - 1) / tg.y,
              ntz = (grid[2] + tg.z - 1) / tg.z;
@@ -323,7 +364,10 @@ extern "C" int ufb_emu_launch(Invoke invoke, void** bufs, const int64_t* cfg, ch
       w.stacks.push_back(s);
     }
     tl_worker = &w;
+    FpState fp{0};
     try {
+      // this thread (the caller's, for worker 0) gets its own mode back below
+      fp = set_ftz(ftz);
       for (uint64_t gi = wi; gi < n_groups; gi += n_workers) {
         {
           std::lock_guard<std::mutex> lock(mu);
@@ -336,6 +380,7 @@ extern "C" int ufb_emu_launch(Invoke invoke, void** bufs, const int64_t* cfg, ch
       std::lock_guard<std::mutex> lock(mu);
       if (first_error.empty()) first_error = e.what();
     }
+    restore_fp(fp);
     tl_worker = nullptr;
   };
   std::vector<std::thread> threads;

@@ -256,6 +256,10 @@ _REJECTED = {
     "constant": "names the `constant` address space (see `device`).",
 }
 
+# Loop unrolling is an optimisation hint with no effect on results: a C++ compiler that
+# does not know it ignores it (clang, Apple's included, honours it).
+UNROLL_PRAGMA = re.compile(r"\s*#\s*pragma\s+clang\s+loop\s+unroll\(full\)\s*")
+
 _TOKEN = re.compile(
     r"(?P<num>(?:\d|\.\d)[\w.]*(?:[eEpP][+-]\d+\w*)?)|(?P<id>[A-Za-z_]\w*)|(?P<op>::|->|\S)"
 )
@@ -303,12 +307,20 @@ def check_supported(
     declared: set[str] = set()
     for part_name, part in (("header", header), ("source", source)):
         text = strip_comments(part)
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if line.lstrip().startswith("#"):
+        lines = text.splitlines()
+        for lineno, line in enumerate(lines, 1):
+            if UNROLL_PRAGMA.fullmatch(line):
+                following = next((ln for ln in lines[lineno:] if ln.strip()), "")
+                if not following.lstrip().startswith("for "):
+                    problems.append(f"{part_name} line {lineno}: {line.strip()!r} must precede a "
+                                    "for loop")
+            elif line.lstrip().startswith("#"):
                 problems.append(
                     f"{part_name} line {lineno}: preprocessor directive {line.strip()!r}: "
-                    "Metal headers cannot be included and macros are not scanned"
+                    "Metal headers cannot be included and macros are not scanned (the one "
+                    "directive modelled is `#pragma clang loop unroll(full)`)"
                 )
+        text = "\n".join("" if UNROLL_PRAGMA.fullmatch(ln) else ln for ln in lines)
         type_names |= set(re.findall(r"\bstruct\s+([A-Za-z_]\w*)", text))
         tokens = [(m.lastgroup, m.group(m.lastgroup)) for m in _TOKEN.finditer(text)]
         parts.append((part_name, tokens))

@@ -15,15 +15,17 @@ Design (the comment block at the top of each metal/*.metal file has the details)
 Everything is accumulated in float32 and GELU is the exact erf GELU (metal/fff_gelu.h).
 
 Launch configuration from the model width H (``token_layout``): G = ceil(H / 1024)
-simdgroups per token, so that each lane keeps at most MAX_PER_LANE values of a row in
-registers (two such arrays per lane: 64 floats), and as many tokens per threadgroup as
-keep it at THREADGROUP_MAX threads. MLX 0.32 does not expose a pipeline's
-maxTotalThreadsPerThreadgroup to Python (it checks the launch against it during
-evaluation and raises "Thread group size (...) is greater than the maximum allowed
-threads per threadgroup (...)"). The lowest such limits MLX users report for register-heavy
-kernels on Apple GPUs are 384 to 448 threads; 256 threads with at most 64 floats of register
-arrays per thread are chosen to stay below that (not yet run on a Mac: there,
-``python -m ufb_mlx.check`` would show that error).
+simdgroups per token, at most MAX_GROUPS, so that each lane keeps at most MAX_PER_LANE
+values of a row in registers (two such arrays per lane: 64 floats) up to H = 8192, and as
+many tokens per threadgroup as keep it at THREADGROUP_MAX threads. A wider model keeps
+G = MAX_GROUPS (one token, 256 threads per threadgroup) and gives each lane more values
+(64 per array at H = 16384): valid for any width, though the Metal compiler may spill such
+arrays to memory. MLX 0.32 does not expose a pipeline's maxTotalThreadsPerThreadgroup to
+Python (it checks the launch against it during evaluation and raises "Thread group size
+(...) is greater than the maximum allowed threads per threadgroup (...)"). The lowest such
+limits MLX users report for register-heavy kernels on Apple GPUs are 384 to 448 threads;
+no launch here exceeds 256 (not yet run on a Mac: there, ``python -m ufb_mlx.check``
+would show that error).
 
 `launch` is the only function that touches Metal; off a Mac it raises RuntimeError unless
 a launcher is installed (``use_launcher``: ufb_mlx.metal_emu runs the same kernel text on
@@ -43,6 +45,8 @@ import mlx.core as mx
 from ufb_ref.errors import UFBError
 from ufb_ref.fff import n_nodes
 
+from . import fff
+
 # An installed package carries metal/ as ufb_mlx/metal/ (pyproject.toml maps it there); in
 # the source tree and in an editable install it is the repository's top-level metal/.
 _HERE = Path(__file__).resolve().parent
@@ -57,6 +61,9 @@ MAX_PER_LANE = 32
 # Threads per threadgroup of the per-token kernels (8 tokens up to H = 1024): enough
 # simdgroups to hide memory latency, within every pipeline limit (module docstring).
 THREADGROUP_MAX = 256
+# Simdgroups per token at most: one token fills a threadgroup; wider rows loop over the
+# width with more values per lane instead of more threads.
+MAX_GROUPS = THREADGROUP_MAX // SIMD_WIDTH
 ROWS_THREADGROUP_MAX = 256
 # Visits of a row one threadgroup of fff_backward_rows sums; a row with more is split.
 ROW_CHUNK = 256
@@ -64,8 +71,9 @@ _FLOAT_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
 
 def token_layout(hidden: int) -> tuple[int, int]:
-    """(G simdgroups per token, tokens per threadgroup at most) for width ``hidden``."""
-    groups = min(SIMD_WIDTH, -(-hidden // (SIMD_WIDTH * MAX_PER_LANE)))
+    """(G simdgroups per token, tokens per threadgroup at most) for width ``hidden``:
+    32 * G * tokens <= THREADGROUP_MAX threads for every width."""
+    groups = min(MAX_GROUPS, -(-hidden // (SIMD_WIDTH * MAX_PER_LANE)))
     return groups, max(1, THREADGROUP_MAX // (SIMD_WIDTH * groups))
 
 
@@ -257,7 +265,7 @@ def launch(spec: KernelSpec, inputs: Sequence[mx.array], config: Launch) -> list
         return _launcher(spec, inputs, config)
     if not mx.metal.is_available():
         raise RuntimeError(
-            f"ufb_mlx.kernels: kernel {spec.name!r} needs a Metal GPU, and "
+            f"ufb_mlx.metal_kernels: kernel {spec.name!r} needs a Metal GPU, and "
             "mx.metal.is_available() is False on this machine; use the MLX-ops FFF path "
             "(ufb_mlx.fff) instead"
         )
@@ -310,21 +318,6 @@ def fff_forward(x, w_in, b_in, w_out_t, trees: int, depth: int):
     return y, rows, z
 
 
-def visits_by_row(rows: mx.array, n_rows: int) -> tuple[mx.array, mx.array]:
-    """Group the visits by row: `order` (T*P*L,) int32 lists the flat visit indices
-    (token*P + tree)*L + level sorted by (row, token); row r's visits are
-    order[offsets[r]:offsets[r+1]]. MLX ops, so it runs on any device."""
-    flat = rows.reshape(-1).astype(mx.int32)
-    m = flat.size
-    # Unique keys make the order within a row (token order) independent of sort stability.
-    key_dtype = mx.int32 if n_rows * m < 2**31 else mx.int64
-    key = flat.astype(key_dtype) * m + mx.arange(m, dtype=key_dtype)
-    order = mx.argsort(key).astype(mx.int32)
-    counts = mx.zeros((n_rows,), dtype=mx.int32).at[flat].add(1)
-    offsets = mx.concatenate([mx.zeros((1,), dtype=mx.int32), mx.cumsum(counts)])
-    return order, offsets
-
-
 def row_chunks(offsets: mx.array, tokens: int, visits: int) -> tuple[mx.array, int]:
     """How fff_backward_rows splits the rows: row r gets max(1, ceil(count_r / ROW_CHUNK))
     chunks, numbered chunk_offsets[r] .. chunk_offsets[r+1] - 1; returns chunk_offsets
@@ -371,7 +364,7 @@ def fff_backward(x, w_in, w_out_t, rows, z, dy):
     dx, dz, act = launch(
         BACKWARD_TOKENS, token_inputs, BACKWARD_TOKENS.configure(token_inputs, trees, depth)
     )
-    order, offsets = visits_by_row(rows, n_rows)
+    order, offsets = fff.visits_by_row(rows, n_rows)
     chunk_offsets, chunks = row_chunks(offsets, tokens, trees * levels)
     row_inputs = [x, dy, act, dz, order, offsets, chunk_offsets]
     grads = launch(BACKWARD_ROWS, row_inputs, BACKWARD_ROWS.configure(row_inputs, trees, depth, chunks))

@@ -1,5 +1,5 @@
-// Run-time choice among the compiled instruction-set builds of kernels_impl.h.
-#include "kernels.h"
+// Run-time choice among the compiled instruction-set builds of the CPU loops (loops.h).
+#include "loops.h"
 
 #include <atomic>
 #include <cstdlib>
@@ -9,7 +9,7 @@ namespace ufb {
 
 namespace {
 
-bool supported(const KernelTable& t) {
+bool supported(const LoopTable& t) {
 #if defined(__x86_64__) || defined(_M_X64)
   if (&t == &avx512::kTable) {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -25,7 +25,7 @@ bool supported(const KernelTable& t) {
 }
 
 // Best first.
-const KernelTable* const kAll[] = {
+const LoopTable* const kAll[] = {
 #if defined(__x86_64__) || defined(_M_X64)
     &avx512::kTable,
     &avx2::kTable,
@@ -34,9 +34,9 @@ const KernelTable* const kAll[] = {
 };
 constexpr int kCount = sizeof(kAll) / sizeof(kAll[0]);
 
-const KernelTable& choose() {
+const LoopTable& choose() {
   const char* forced = std::getenv("UFB_CPU_ISA");
-  for (const KernelTable* t : kAll) {
+  for (const LoopTable* t : kAll) {
     if (!supported(*t)) continue;
     if (forced == nullptr || forced[0] == '\0' || std::strcmp(forced, t->isa) == 0) return *t;
   }
@@ -46,11 +46,11 @@ const KernelTable& choose() {
 }  // namespace
 
 namespace {
-std::atomic<const KernelTable*> g_table{nullptr};
+std::atomic<const LoopTable*> g_table{nullptr};
 }
 
-const KernelTable& table() {
-  const KernelTable* t = g_table.load(std::memory_order_acquire);
+const LoopTable& table() {
+  const LoopTable* t = g_table.load(std::memory_order_acquire);
   if (t == nullptr) {
     t = &choose();
     g_table.store(t, std::memory_order_release);
@@ -59,7 +59,7 @@ const KernelTable& table() {
 }
 
 bool use_table(const char* isa) {
-  for (const KernelTable* t : kAll) {
+  for (const LoopTable* t : kAll) {
     if (supported(*t) && std::strcmp(isa, t->isa) == 0) {
       g_table.store(t, std::memory_order_release);
       return true;
@@ -70,12 +70,12 @@ bool use_table(const char* isa) {
 
 int n_tables() {
   int n = 0;
-  for (const KernelTable* t : kAll) n += supported(*t);
+  for (const LoopTable* t : kAll) n += supported(*t);
   return n;
 }
 
-const KernelTable& table_at(int i) {
-  for (const KernelTable* t : kAll) {
+const LoopTable& table_at(int i) {
+  for (const LoopTable* t : kAll) {
     if (supported(*t) && i-- == 0) return *t;
   }
   return generic::kTable;

@@ -1,5 +1,0 @@
-// x86-64 build of kernels_impl.h with AVX2 + FMA + F16C (CMake sets -mavx2 -mfma -mf16c
-// on this file only); used when the CPU reports all three (kernels.cpp).
-#define UFB_ISA avx2
-#define UFB_VBYTES 32
-#include "kernels_impl.h"
