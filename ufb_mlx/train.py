@@ -452,7 +452,7 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
                     loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
                 after_step(step)
                 if step < total_steps and stop.agreed(world):
-                    if checkpoint is not None and (list_checkpoints(out)[-1:] or [(None,)])[0][0] != step:
+                    if checkpoint is not None and not _saved_at(out, step, world):
                         logger.print(f"Ctrl-C: saving a checkpoint at step {step} (Ctrl-C again to stop at once)")
                         checkpoint(step)
                     raise KeyboardInterrupt
@@ -463,6 +463,13 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
         logger.progress = None
     if world.main:
         prune_checkpoints(out, keep)
+
+
+def _saved_at(out: Path, step: int, world: World) -> bool:
+    """Whether rank 0 (the one that writes them) has a checkpoint of ``step``; the same
+    answer on every process, which need not see rank 0's folder."""
+    newest = list_checkpoints(out)[-1][0] if world.main and list_checkpoints(out) else None
+    return bool(world.sum(np.array([int(newest == step)], dtype=np.int64))[0])
 
 
 def _si(v: float) -> str:
