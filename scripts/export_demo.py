@@ -33,6 +33,7 @@ from ufb_mlx.evaluate import evaluate_mlm  # noqa: E402
 from ufb_mlx.train import read_log  # noqa: E402
 
 DEMO = Path(ufb_mlx.__file__).resolve().parent / "demo_model"
+ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_BLOCKS = 64
 
 
@@ -45,6 +46,30 @@ def run_summary(run: Path) -> dict:
     return {"config": cfg, "steps": train[-1]["step"], "blocks": start["blocks"],
             "median_tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])),
             "final_eval": evals[-1], "first_eval": evals[0], "peak_memory_gb": max(r["peak_memory_gb"] for r in train)}
+
+
+def run_options(run: Path) -> dict:
+    """The options of the run (its newest checkpoint's fingerprint): the recipe the card states."""
+    from ufb_mlx.train import STATE_FILE, list_checkpoints
+
+    (_, newest), *_ = reversed(list_checkpoints(run))
+    return json.loads((newest / STATE_FILE).read_text())["run"]
+
+
+def shown_path(path: Path) -> str:
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def showcase_rows(model_dir: Path, prompts_file: Path) -> list[dict]:
+    """Each showcase prompt with the model's top 3 (token, probability) for its mask."""
+    from ufb_mlx.generate import fill_mask
+
+    model, tok = ufb_mlx.load(model_dir)
+    prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+    return [{"prompt": r["prompt"], "top3": [(c["token"], round(c["probability"], 3))
+                                             for c in r["masks"][0]["candidates"]]}
+            for r in fill_mask(model, tok, prompts, top_k=3)]
 
 
 def heldout_set(model_dir: Path, heldout: Path, seed: int, mask_rate: float):
@@ -68,6 +93,13 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, required=True, help="the runs' batch size (blocks per step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mask-rate", type=float, default=0.25)
+    p.add_argument("--tokenizer-command", default="",
+                   help="the command that trained the tokenizer, when the run was given one (--tokenizer)")
+    p.add_argument("--history", type=Path,
+                   help="a Markdown file of earlier measurements to keep in the card (e.g. an earlier "
+                        "model's FFF-versus-dense-twin comparison, labelled with its budget)")
+    p.add_argument("--showcase", type=Path, default=ROOT / "demo" / "showcase.txt",
+                   help="fill-mask prompts whose top-3 answers the card shows")
     p.add_argument("--out", type=Path, default=DEMO)
     a = p.parse_args(argv)
 
@@ -94,12 +126,15 @@ def main(argv=None):
             for summary, run in ((fff, a.run), (twin, a.twin)):
                 m, i, l = heldout_set(run, a.heldout, a.seed, a.mask_rate)
                 summary["heldout_float32"] = evaluate_mlm(m, i, l, 64)
-        card = keep_measured_sections(model_card(cfg, fff, twin, full, sample, stats, a), a.out / "README.md")
+        fff["options"] = run_options(a.run)
+        showcase = showcase_rows(tmp, a.showcase)
+        card = keep_measured_sections(model_card(cfg, fff, twin, full, sample, stats, a, showcase),
+                                      a.out / "README.md")
         if (a.out / "finetune_grid.json").is_file():
             shutil.copyfile(a.out / "finetune_grid.json", tmp / "finetune_grid.json")
         (tmp / "README.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps({"heldout": full, "heldout_sample": sample,
-                                                      "sample_blocks": SAMPLE_BLOCKS,
+                                                      "sample_blocks": SAMPLE_BLOCKS, "showcase": showcase,
                                                       "fff_run": fff, "twin_run": twin}, indent=2) + "\n")
         tmp.chmod(0o755)
         if a.out.exists():
@@ -122,15 +157,17 @@ def keep_measured_sections(card: str, old_card: Path) -> str:
     return head + section + "\n\n## Licence" + licence
 
 
-def model_card(cfg, fff, twin, full, sample, stats, a) -> str:
+def model_card(cfg, fff, twin, full, sample, stats, a, showcase) -> str:
     train_stats = stats["total"]["train"]
+    o = fff["options"]
+    tokens = fff["steps"] * a.batch_size * fff["config"]["max_seq_length"]
     lines = [
         "# UltraFastBERT demo model (ufb-demo-4x256-fff1x8)",
         "",
         "A small UltraFastBERT pretrained from scratch by this repository on openly licensed English",
         "text, on a 2-core CPU, so that `python -m ufb_mlx.generate` works offline on a fresh clone.",
-        "It is a demonstration of the machinery, not a useful language model: expect plausible",
-        "function words and frequent nouns, not knowledge.",
+        "It is small and saw little text: it fills in common words and phrases of its corpus",
+        "(the table below shows what it answers), not facts.",
         "",
         "## Architecture",
         "",
@@ -150,16 +187,21 @@ def model_card(cfg, fff, twin, full, sample, stats, a) -> str:
         "## Training",
         "",
         "```",
+        *([a.tokenizer_command] if a.tokenizer_command else []),
         a.command,
         "```",
         "",
+        *(["The first command trains the WordPiece tokenizer (a 1-step run whose folder keeps it); the",
+           "second pretrains on it.", ""] if a.tokenizer_command else []),
         f"- {fff['steps']} steps of {a.batch_size} blocks of {fff['config']['max_seq_length']} tokens: "
-        f"{fff['steps'] * a.batch_size * fff['config']['max_seq_length']:,} tokens seen "
-        f"({fff['steps'] * a.batch_size / fff['blocks']:.2f} epochs of the {fff['blocks']} training blocks).",
+        f"{tokens:,} tokens seen ({fff['steps'] * a.batch_size / fff['blocks']:.2f} epochs of the "
+        f"{fff['blocks']} training blocks).",
         f"- Median training throughput {fff['median_tokens_per_s']:.0f} tokens/s, peak memory "
         f"{fff['peak_memory_gb']:.2f} GB. Wall-clock: {a.wall_clock or 'see the repository README'}.",
-        "- Recipe: the paper's pretraining settings (AdamW lr 1e-3, betas 0.9/0.98, eps 1e-12, weight",
-        "  decay 0.01, mask rate 0.25 with 80/10/10, gradient clipping 0.5, one-cycle triangle schedule).",
+        f"- Recipe: AdamW lr {o['lr']:g}, betas {o['betas'][0]:g}/{o['betas'][1]:g}, eps {o['eps']:g}, weight decay "
+        f"{o['weight_decay']:g} (not on biases and norms), mask rate {o['mask_rate']:g} with 80/10/10, gradient "
+        f"clipping {o['grad_clip']:g}, {o['schedule']} schedule peaking at {o['warmup']:g} of the steps, dropout "
+        f"{o['dropout']:g}, seed {o['seed']}.",
         "",
         "## Held-out results (the float16 weights that ship)",
         "",
@@ -171,6 +213,12 @@ def model_card(cfg, fff, twin, full, sample, stats, a) -> str:
         "",
         f"During training (float32) the last evaluation gave loss {fff['final_eval']['mlm_loss']:.4f}, "
         f"accuracy {fff['final_eval']['mlm_accuracy']:.4f}.",
+        "",
+        f"## Fill-mask showcase (`python -m ufb_mlx.generate --prompts-file {shown_path(a.showcase)} --top-k 3`)",
+        "",
+        "| prompt | top-3 (probability) |",
+        "| --- | --- |",
+        *(f"| {r['prompt']} | {', '.join(f'{t} ({p:.3f})' for t, p in r['top3'])} |" for r in showcase),
         "",
     ]
     if twin:
@@ -192,6 +240,8 @@ def model_card(cfg, fff, twin, full, sample, stats, a) -> str:
             "```",
             "",
         ]
+    if a.history:
+        lines += [a.history.read_text().rstrip(), ""]
     lines += ["## Licence", "", "The weights are released under the MIT licence of this repository; the",
               "training text keeps its own licences (DATA_SOURCES.md).", ""]
     return "\n".join(lines)

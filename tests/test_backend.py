@@ -1,6 +1,7 @@
 """The rule that picks the conditional FFF's implementation (ufb_mlx.backend): by the
-device of the stream the op runs on; an explicit backend wins and runs on its own device;
-an explicit backend that is not present is a one-line error.
+default device; an explicit backend wins and runs on its own device; an explicit backend
+that is not present is a one-line error. A model resolves it once, when built, and again
+on ``set_backend``.
 
 A Linux machine has no GPU, so the table is exercised by monkeypatching what is present
 (Metal, the CPU extension) and the default device; which implementation fff_conditional
@@ -13,11 +14,12 @@ from __future__ import annotations
 import contextlib
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
 import ufb_mlx
-from ufb_mlx import backend, metal_kernels
+from ufb_mlx import backend, cpu_kernels, metal_kernels
 from ufb_mlx import fff as mlx_fff
 from ufb_mlx.check import ATOL, fff_forward_tolerance
 from ufb_ref.errors import UFBError
@@ -226,7 +228,7 @@ def test_mac_cpu_stream_runs_the_cpu_implementation(how):
     kernels there raise "Only supports the GPU") and agree with the GPU's."""
     model, tok = ufb_mlx.load(MLM)
     batch = tok(["The capital of France is [MASK]."])
-    assert backend.resolve() == "metal"
+    assert backend.resolve() == "metal" and model.impl == "metal"
     on_gpu = np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
     if how == "stream":
         ctx = mx.stream(mx.cpu)
@@ -237,9 +239,14 @@ def test_mac_cpu_stream_runs_the_cpu_implementation(how):
         ctx.callback(mx.set_default_device, saved)
     with ctx:
         assert backend.resolve() in ("cpu", "ops")
+        # Resolved when built: the FFF stays "metal", placed on the GPU (no error).
+        kept = np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
+        model.set_backend("auto")  # resolved again, now by the CPU default
+        assert model.impl in ("cpu", "ops")
         on_cpu = np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
     # each device is within the golden tests' ATOL of the stored logits
     np.testing.assert_allclose(on_cpu, on_gpu, atol=2 * ATOL, rtol=0)
+    np.testing.assert_allclose(kept, on_gpu, atol=2 * ATOL, rtol=0)
 
 
 @on_mac
@@ -253,11 +260,65 @@ def test_mac_explicit_metal_under_a_cpu_default():
     np.testing.assert_allclose(got, want, atol=fff_forward_tolerance(want), rtol=0)
 
 
+def _impls(model) -> set[str]:
+    """The implementations the model's dispatching layers (norms, attention, FFF) hold."""
+    return {m.impl for _, m in model.named_modules() if m is not model and hasattr(m, "impl")}
+
+
 def test_the_rule_is_used_by_load_and_fff_layers():
-    """load() keeps the backend on every FFF layer, so each call decides by the stream
-    it runs on (not by the device at load time)."""
+    """load() resolves the backend once, when it builds the model: "auto" by the default
+    device then, an explicit name as itself; every layer keeps the implementation."""
     model, _ = ufb_mlx.load(MLM)
-    ffns = [layer.ffn for layer in model.encoder.layers]
-    assert ffns and all(f.backend == "auto" for f in ffns)
+    assert model.backend == "auto" and model.impl == backend.resolve("auto")
+    assert _impls(model) == {backend.resolve("auto")}
     model, _ = ufb_mlx.load(MLM, backend="ops")
-    assert all(layer.ffn.backend == "ops" for layer in model.encoder.layers)
+    assert model.backend == "ops" and _impls(model) == {"ops"}
+
+
+def test_a_forward_resolves_nothing(monkeypatch):
+    """The backend is not decided again at each call: a forward and a backward pass of a
+    built model never call backend.resolve (which the five layer sites did per call)."""
+    model, tok = ufb_mlx.load(MLM)
+    batch = tok(["The capital of France is [MASK]."])
+    calls = []
+    monkeypatch.setattr(backend, "resolve", lambda *a, **k: calls.append(a) or "ops")
+    loss = lambda m: m(batch["input_ids"], attention_mask=batch["attention_mask"]).astype(mx.float32).sum()
+    value, grads = nn.value_and_grad(model, loss)(model)
+    mx.eval(value, grads)
+    assert calls == []
+
+
+def test_set_backend_switches_the_implementation(machine, monkeypatch):
+    """set_backend resolves again and every layer runs the new implementation from the
+    next call on (which implementation ran is recorded by spies around the real ones);
+    an absent one is refused in one line and the model keeps its own."""
+    model, tok = ufb_mlx.load(MLM)
+    batch = tok(["The capital of France is [MASK].", "Paris is a [MASK]."])
+    forward = lambda: np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
+    ran = []
+    real = dict(mlx_fff._IMPLEMENTATIONS)
+    monkeypatch.setattr(mlx_fff, "_IMPLEMENTATIONS", {
+        name: (lambda *a, _n=name: ran.append(_n) or real[_n](*a)) for name in real})
+    for op in ("layer_norm", "attention"):
+        real_op = getattr(cpu_kernels, op)
+        monkeypatch.setattr(cpu_kernels, op, lambda *a, _f=real_op, _n=op: ran.append(_n) or _f(*a))
+    auto = backend.resolve("auto")
+    first = forward()
+    assert set(ran) == ({"cpu", "layer_norm", "attention"} if auto == "cpu" else {auto})
+    ran.clear()
+    model.set_backend("ops")
+    assert model.backend == "ops" and _impls(model) == {"ops"}
+    switched = forward()
+    assert ran == ["ops"] * model.args.num_layers
+    # Each implementation is within the golden tests' ATOL of the stored logits.
+    np.testing.assert_allclose(switched, first, atol=2 * ATOL, rtol=0)
+    ran.clear()
+    model.set_backend("auto")
+    assert _impls(model) == {auto}
+    np.testing.assert_array_equal(forward(), first)  # the same implementation: the same bits
+    machine(False, False, CPU)
+    for name in ("metal", "cpu"):
+        with pytest.raises(UFBError, match=f"backend '{name}' is not available") as e:
+            model.set_backend(name)
+        assert "\n" not in str(e.value)
+    assert model.backend == "auto" and _impls(model) == {auto}

@@ -247,6 +247,22 @@ def test_mlx_model_checks_token_ids_like_the_reference(bad):
             m(ids)
 
 
+@pytest.mark.parametrize("ids, message", [
+    (np.zeros((1, 3), np.float32), r"input_ids must be an integer array \(batch, seq\), got \S*float32 \(1, 3\)$"),
+    (np.zeros((1, 1, 3), np.int32), r"input_ids must be an integer array \(batch, seq\), got \S*int32 \(1, 1, 3\)$"),
+    (np.zeros((1, 33), np.int32), r"^sequence length 33 exceeds max_seq_length 32$"),
+    (np.zeros((33,), np.int32), r"^sequence length 33 exceeds max_seq_length 32$"),
+], ids=["float", "3-d", "long", "long-1-d"])
+def test_mlx_arrays_get_the_reference_checks_of_dtype_and_shape(ids, message):
+    """One definition of the checks (ufb_ref.inputs): an MLX array, checked without
+    reading its values, gets the same message as host data in either model."""
+    model, _ = ufb_mlx.load(MLM)
+    ref, _ = ufb_ref.load(MLM)
+    for m, x in ((model, mx.array(ids)), (model, ids), (ref, ids)):
+        with pytest.raises(UFBError, match=message):
+            m(x)
+
+
 @pytest.mark.parametrize("bad", [899, -1, 2**31 - 1])
 def test_unknown_ids_in_an_mlx_array_poison_their_sequence(bad):
     """An MLX array is not checked on the host (that would sync every forward): the

@@ -19,10 +19,11 @@ from mlx.utils import tree_flatten
 import ufb_mlx
 import ufb_ref
 from ufb_mlx.convert import convert
-from ufb_mlx.model import Model, mlm_loss
+from ufb_mlx.losses import mlm_loss
+from ufb_mlx.model import Model
 from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.config import ModelArgs
-from ufb_ref.model import mlm_loss as ref_mlm_loss
+from ufb_ref.losses import mlm_loss as ref_mlm_loss
 
 from conftest import MLM
 

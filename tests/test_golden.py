@@ -29,8 +29,8 @@ import ufb_ref
 from ufb_mlx import fff as mlx_fff
 from ufb_mlx.check import ATOL, GRAD_RTOL
 from ufb_mlx.metal_emu import metal_kernels
-from ufb_mlx.model import classification_loss, mlm_loss
-from ufb_ref.model import mlm_loss as ref_mlm_loss
+from ufb_mlx.losses import classification_loss, mlm_loss
+from ufb_ref.losses import mlm_loss as ref_mlm_loss
 
 from conftest import CLS, MLM, require_extension
 
@@ -202,7 +202,7 @@ def test_training_step_minimises_the_golden_loss(mlm_cases, cls_cases, task, com
     the compiled step. "mlm_at" is pretraining's form: the labelled positions padded to a
     fixed count with weight 0 (ufb_mlx.data.label_positions)."""
     from ufb_mlx import data
-    from ufb_mlx.model import mlm_loss_at
+    from ufb_mlx.losses import mlm_loss_at
     from ufb_mlx.train import Trainer, World, make_optimizer
 
     cases, folder = (cls_cases, CLS) if task == "cls" else (mlm_cases, MLM)

@@ -8,6 +8,7 @@ from ufb_ref.config import ModelArgs  # noqa: E402
 from ufb_ref.errors import UFBError  # noqa: E402
 from ufb_ref.tokenizer import Tokenizer  # noqa: E402
 
-from .model import DEMO, DEMO_MODEL, Model, load, save_model  # noqa: E402
+from .loading import DEMO, DEMO_MODEL, load, save_model  # noqa: E402
+from .model import Model  # noqa: E402
 
 __all__ = ["DEMO", "DEMO_MODEL", "ModelArgs", "Model", "Tokenizer", "UFBError", "load", "save_model"]

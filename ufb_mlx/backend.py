@@ -5,12 +5,16 @@ Three implementations compute the same function:
 - "cpu": the fused C++ primitive of csrc/ (MLX extension ``ufb_mlx._ext``), on the CPU;
 - "ops": plain MLX operations, on any device (the portable fallback).
 
-"auto" decides by the device of the stream the op will run on, which is
-``mx.default_device()`` (``with mx.stream(mx.cpu):`` and ``mx.set_default_device`` both
-change it): a GPU stream with Metal takes "metal", a CPU stream takes "cpu" when the
-extension is built, anything else "ops". An explicit backend wins over the default device
-(the op is then placed on that backend's device), and asking for one that is not present
-is a one-line error. ``load()``, ``fff_conditional`` and the benchmark all use ``resolve``.
+"auto" decides by the default device, ``mx.default_device()`` (``with mx.stream(mx.cpu):``
+and ``mx.set_default_device`` both change it), at the moment it is resolved: a GPU with
+Metal takes "metal", the CPU takes "cpu" when the extension is built, anything else "ops".
+A model (``ufb_mlx.Model``, ``load()``) resolves its backend once, when it is built, and
+each layer then runs that implementation on that implementation's own device, whatever
+the default device of a later call; ``Model.set_backend(name)`` resolves again (e.g.
+``set_backend("auto")`` inside ``mx.stream(mx.cpu)``). The function ``fff_conditional``
+resolves at each call. An explicit backend wins over the default device (the op is then
+placed on that backend's device), and asking for one that is not present is a one-line
+error. The model, ``fff_conditional`` and the benchmark all use ``resolve``.
 """
 
 from __future__ import annotations

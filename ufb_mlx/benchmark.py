@@ -59,7 +59,8 @@ from ufb_ref.errors import ArgumentParser, UFBError, command_name  # noqa: E402
 from . import backend as backend_lib  # noqa: E402
 from . import fff as fff_lib  # noqa: E402
 from .entry import console  # noqa: E402
-from .model import Model, classification_loss, mlm_loss  # noqa: E402
+from .losses import classification_loss, mlm_loss  # noqa: E402
+from .model import Model  # noqa: E402
 from .progress import Progress  # noqa: E402
 
 SCHEMA_VERSION = 1
@@ -651,7 +652,7 @@ def bench_model(opts, env) -> dict:
     doc: dict = {"results": [], "notes": notes}
     impl = backend_lib.resolve(opts.backend)
     if opts.model:
-        from .model import load
+        from .loading import load
 
         cond_only, _ = load(opts.model, fff_mode="conditional", backend=opts.backend)
         args = cond_only.args
@@ -731,7 +732,7 @@ def bench_train(opts, env) -> dict:
     task = opts.task
     impl = backend_lib.resolve(opts.backend)
     if opts.model:
-        from .model import load
+        from .loading import load
 
         cond, _ = load(opts.model, fff_mode="conditional", backend=opts.backend)
         args = cond.args

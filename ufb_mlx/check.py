@@ -46,7 +46,7 @@ from ufb_ref.tokenizer import Tokenizer, pad_batch
 from . import backend as backend_lib
 from .entry import console
 from .fff import fff_conditional
-from .model import DEMO_MODEL
+from .loading import DEMO_MODEL
 
 # ---- tolerances (shared with the test suite) ---------------------------------------------
 

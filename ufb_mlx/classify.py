@@ -23,7 +23,8 @@ from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from . import data
 from .entry import console
 from .evaluate import label_names, label_scores, predict, task_metrics
-from .model import FFF_MODES, load
+from .loading import load
+from .model import FFF_MODES
 from .progress import Progress
 
 

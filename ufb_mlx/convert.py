@@ -18,11 +18,12 @@ from pathlib import Path
 import mlx.core as mx
 
 from ufb_ref import fsio
-from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, load_checkpoint
+from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, open_checkpoint
 from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from .entry import console
-from .model import model_location, save_model
+from .loading import model_location, read_weights, save_model
+from .model import drop_hub_extras
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -42,9 +43,11 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
     source = model_location(hf_path)
     if force:  # before the (possibly long) read; again below, under the lock
         fsio.check_replaceable(out, _local_input(source))
-    ckpt = load_checkpoint(source, allow_nonfinite=allow_nonfinite)
-    folder, args, weights = ckpt.folder, ckpt.args, ckpt.weights
-    args.source = {"hf_path": str(hf_path), "format": ckpt.layout, "dtype": dtype}
+    head = open_checkpoint(source)
+    folder, args = head.folder, head.args
+    # Read by MLX (no NumPy copy), in the output's dtype.
+    weights = read_weights(head, lambda w: drop_hub_extras(w, args), lambda key: DTYPES[dtype], allow_nonfinite)
+    args.source = {"hf_path": str(hf_path), "format": head.layout, "dtype": dtype}
     with fsio.folder_lock(out):
         fsio.clean_stale_temporaries(out)
         if force:  # a Hub id's files are known only now (symlinks into the Hub cache)
@@ -52,8 +55,8 @@ def convert(hf_path: str, mlx_path: str | Path, dtype: str = "float32", force: b
         elif out.exists() or out.is_symlink():
             raise UFBError(f"output folder '{out}' exists; pass --force to replace it")
         with fsio.atomic_folder(out, replace=force, mark=True) as tmp:
-            # save_model reads each written weights file back: MLX reports no failed write.
-            save_model(tmp, weights, args, tokenizer_folder=folder, dtype=DTYPES[dtype])
+            # save_model checks the written weights file (header and size): MLX reports no failed write.
+            save_model(tmp, weights, args, tokenizer_folder=folder)
     return out
 
 

@@ -2,7 +2,7 @@
 loss of a classifier or regressor on labelled data, a classifier's labels and scores per
 text, and the held-out MLM loss and masked-token accuracy of a masked-language model.
 
-The losses are the model's own (``ufb_mlx.model.example_losses``, the function training
+The losses are the model's own (``ufb_mlx.losses.example_losses``, the function training
 minimises), so a validation loss and a training loss mean the same thing.
 """
 
@@ -14,7 +14,8 @@ import numpy as np
 from ufb_ref.tokenizer import pad_batch
 
 from . import metrics
-from .model import Model, example_losses, masked_lm_logits
+from .losses import example_losses, masked_lm_logits
+from .model import Model
 
 
 def predict(model: Model, seqs: list[list[int]], pad_id: int, batch_size: int = 64, on_batch=None) -> np.ndarray:

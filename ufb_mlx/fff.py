@@ -44,11 +44,12 @@ def gelu(z):
     return z * (1 + mx.erf(z * 0.7071067811865476)) * 0.5
 
 
-def fast_gelu(z, backend: str = "auto"):
-    """The same GELU, through the extension's vectorised primitive where the resolved
-    backend is "cpu" (a few ulp; MLX's erf costs ~42 ns an element on the CPU), else
-    ``gelu``. Dense layers use it, so no dense baseline is slowed by its activation."""
-    if backend_lib.resolve(backend) == "cpu":
+def fast_gelu(z, impl: str | None = None):
+    """The same GELU, through the extension's vectorised primitive where the implementation
+    ``impl`` (resolved by ufb_mlx.backend.resolve; None: "auto" resolved at this call) is
+    "cpu" (a few ulp; MLX's erf costs ~42 ns an element on the CPU), else ``gelu``. Dense
+    layers use it, so no dense baseline is slowed by its activation."""
+    if (impl or backend_lib.resolve("auto")) == "cpu":
         return cpu_kernels.gelu(z)
     return gelu(z)
 
@@ -280,11 +281,20 @@ def fff_conditional(x, w_in, b_in, w_out, trees: int, depth: int, top: int | Non
 
     ``backend`` (see ufb_mlx.backend): "auto" picks by the device of the current stream
     (GPU with Metal: the kernels of metal/; CPU: the fused C++ primitive when built; else
-    MLX ops); "ops", "cpu" or "metal" name one implementation. ``top`` applies to "ops"."""
-    impl = backend_lib.resolve(backend)
+    MLX ops); "ops", "cpu" or "metal" name one implementation. ``top`` applies to "ops".
+    The backend is resolved at each call; a model resolves it once (``run_conditional``)."""
+    return run_conditional(backend_lib.resolve(backend), x, w_in, b_in, w_out, trees, depth, top,
+                           place=backend != "auto")
+
+
+def run_conditional(impl: str, x, w_in, b_in, w_out, trees: int, depth: int, top: int | None = None,
+                    place: bool = True):
+    """``fff_conditional`` by an implementation already resolved (ufb_mlx.backend.resolve),
+    without deciding again; ``place``: on that implementation's own device (stream_for),
+    which is the default device's when "auto" resolved it there."""
     if not x.size:
         impl = "ops"
-    device = backend_lib.stream_for(impl) if backend != "auto" else None
+    device = backend_lib.stream_for(impl) if place else None
     if device is None:
         return _IMPLEMENTATIONS[impl](x, w_in, b_in, w_out, trees, depth, top)
     with mx.stream(device):
@@ -352,7 +362,8 @@ def visited_mask(x, w_in, b_in, trees: int, depth: int, z=None):
     return mask.reshape(*lead, trees * n)
 
 
-def fff_dense(x, w_in, b_in, w_out, trees: int, depth: int, backend: str = "auto"):
-    """The original computation: every logit, GELU on all, times the visited mask."""
+def fff_dense(x, w_in, b_in, w_out, trees: int, depth: int, impl: str | None = None):
+    """The original computation: every logit, GELU on all (``fast_gelu`` by ``impl``),
+    times the visited mask."""
     z = x @ w_in.T + b_in
-    return (fast_gelu(z, backend) * visited_mask(x, w_in, b_in, trees, depth, z)) @ w_out.T
+    return (fast_gelu(z, impl) * visited_mask(x, w_in, b_in, trees, depth, z)) @ w_out.T

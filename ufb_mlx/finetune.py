@@ -41,7 +41,9 @@ from ufb_ref.tokenizer import pad_batch
 from . import data, metrics, train
 from .entry import console
 from .evaluate import evaluate_classifier
-from .model import DEMO, FFF_MODES, Model, classification_loss, load, model_location, save_model
+from .loading import DEMO, load, model_location, save_model
+from .losses import classification_loss
+from .model import FFF_MODES, Model
 
 TASKS = ("classification", "regression")
 # The defaults of --lr and --epochs. Everything else (AdamW betas 0.9/0.98, eps 1e-6, weight
@@ -278,7 +280,9 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             orders.clear()
             orders[epoch] = data.epoch_order(n, a.seed, epoch)
         rows = orders[epoch][i * global_batch:(i + 1) * global_batch]
-        length = max(len(x_train[r]) for r in rows)
+        # Padded up to a multiple of 16: the compiled step is traced once per shape, and
+        # the padding is masked out of attention (the result is that of the shortest pad).
+        length = min(-(-max(len(x_train[r]) for r in rows) // 16) * 16, max_length)
         local = data.shard(rows, world.rank, world.size)
         weights = np.ones(len(local), dtype=np.float32)
         if not len(local):  # fewer rows than processes in the last batch: a zero-weight row

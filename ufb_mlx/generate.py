@@ -57,7 +57,7 @@ from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.tokenizer import pad_batch
 
 from .entry import console
-from .model import DEMO, load
+from .loading import DEMO, load
 from .progress import Progress
 from .train import clean_tree
 

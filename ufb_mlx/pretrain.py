@@ -42,7 +42,9 @@ from . import data, train
 from .entry import console
 from .evaluate import evaluate_mlm
 from .progress import Progress
-from .model import FFF_MODES, Model, load, model_location, mlm_loss_at, save_model
+from .loading import load, model_location, save_model
+from .losses import mlm_loss_at
+from .model import FFF_MODES, Model
 
 # Model presets. "base" is the released UltraFastBERT-1x11 architecture.
 PRESETS = {
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dropout", type=float, default=0.0)
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--fff-mode", choices=FFF_MODES, default="conditional")
+    o.add_argument("--freeze-position-scale", action="store_true",
+                   help="keep the positional embedding's learnt scale at its initial value (a small model "
+                        "trained from scratch otherwise drives this one scalar to ~0 within a few hundred Adam "
+                        "steps, losing word order; see docs/demo_model.md)")
     r = train.add_run_arguments(p, save_every=500, save_help="checkpoint (and model) every N steps, and at the end")
     r.add_argument("--eval-every", type=int, default=100)
     return p
@@ -245,6 +251,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         train.init_model(model)
     model.args = args
     model.set_dropout(a.dropout)
+    if a.freeze_position_scale:
+        model.encoder.embedding.pos_embedding.freeze(keys=["scale_factor"])
 
     schedule = train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)
     optimizer = train.make_optimizer(schedule, a.betas, a.eps, a.weight_decay)

@@ -53,7 +53,7 @@ from ufb_ref.fsio import atomic_write_text
 from ufb_ref.errors import UFBError
 
 from .entry import Interrupted
-from .model import save_safetensors
+from .loading import save_safetensors
 from .progress import Progress
 
 CHECKPOINTS = "checkpoints"
@@ -219,7 +219,7 @@ def all_finite(*trees):
 
 
 class Trainer:
-    """One optimisation step of the task's loss (``ufb_mlx.model.mlm_loss_at`` or
+    """One optimisation step of the task's loss (``ufb_mlx.losses.mlm_loss_at`` or
     ``classification_loss``), called as ``loss(model, **batch, reduction="sum")``: this
     process's loss sum, times ``scale`` (= processes / global count), so that averaging the
     gradients over the processes gives the gradient of the global mean.

@@ -2,7 +2,8 @@
 
 from .config import ModelArgs
 from .errors import UFBError
-from .model import Model, load
+from .loading import load
+from .model import Model
 from .tokenizer import Tokenizer
 
 __all__ = ["ModelArgs", "Model", "Tokenizer", "UFBError", "load"]

@@ -33,22 +33,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # ---------------------------------------------------------------------------------------
 # Finding the folder
 
-DEMO = "demo"  # the small model shipped in ufb_mlx/demo_model (ufb_mlx.model.DEMO)
-
-
-def model_location(path_or_hub_id):
-    """The demo model's folder for the name "demo" (found without importing ufb_mlx, which
-    would import MLX); anything else as given."""
-    if str(path_or_hub_id) != DEMO:
-        return path_or_hub_id
-    import importlib.util
-
-    spec = importlib.util.find_spec("ufb_mlx")
-    if spec is None or not spec.submodule_search_locations:
-        raise UFBError("the demo model ships in the ufb_mlx package, which is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / "demo_model"
-
-
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder as is; anything else is a Hub repo id fetched through
     huggingface_hub (its cache and HF_HUB_OFFLINE apply). The Hub is first asked about the
@@ -354,16 +338,18 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def sanitize(weights: dict[str, np.ndarray], args: ModelArgs) -> dict[str, np.ndarray]:
+def sanitize(weights: dict, args: ModelArgs, array_equal=np.array_equal) -> dict:
     """Hub state_dict -> model parameters: drop the stored copy of the tied decoder and
-    the constant ``norm_factor`` buffers, after checking they hold what they must."""
+    the constant ``norm_factor`` buffers, after checking they hold what they must. Any
+    array type with ``shape``, ``size`` and ``reshape``; ``array_equal`` compares two of
+    them (ufb_mlx passes MLX's, so its lazily loaded weights never pass through NumPy)."""
     out = dict(weights)
     if "decoder.weight" in out:
         dec = out.pop("decoder.weight")
         emb = out.get("encoder.embedding.word_embedding.weight")
         if args.task != "mlm":
             raise UFBError("checkpoint: unexpected key 'decoder.weight' in a classifier checkpoint")
-        if emb is not None and (dec.shape != emb.shape or not np.array_equal(dec, emb)):
+        if emb is not None and (tuple(dec.shape) != tuple(emb.shape) or not array_equal(dec, emb)):
             raise UFBError("checkpoint: 'decoder.weight' differs from 'encoder.embedding.word_embedding.weight' "
                            "(the model ties them)")
     for i in range(args.num_layers):
@@ -371,7 +357,7 @@ def sanitize(weights: dict[str, np.ndarray], args: ModelArgs) -> dict[str, np.nd
         if key in out:
             nf = out.pop(key)
             if nf.size != 1 or not np.isclose(float(nf.reshape(())), args.head_size ** -0.5, rtol=1e-6):
-                raise UFBError(f"checkpoint: '{key}' is {nf.reshape(-1)[:1]}, expected head_size^-0.5")
+                raise UFBError(f"checkpoint: '{key}' is {float(nf.reshape(-1)[0])}, expected head_size^-0.5")
     return out
 
 
@@ -407,8 +393,15 @@ def check_weights(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str], ar
 
 def check_finite(weights: dict[str, np.ndarray], where: str) -> None:
     """NaN or Inf in a weight makes every output NaN: refuse it, naming the tensor."""
-    for key, arr in weights.items():
-        bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    report_nonfinite({key: arr.size - int(np.count_nonzero(np.isfinite(arr))) for key, arr in weights.items()},
+                     where)
+
+
+def report_nonfinite(counts: dict, where: str) -> None:
+    """The error of ``check_finite`` for the first tensor whose count of non-finite values
+    (any integer or scalar array) is not zero."""
+    for key, bad in counts.items():
+        bad = int(bad)
         if bad:
             raise UFBError(f"{where}: tensor '{key}' holds {bad} non-finite value{'s' if bad > 1 else ''} "
                            "(NaN or Inf); pass allow_nonfinite=True (CLI: --allow-nonfinite) to load it anyway")
@@ -424,10 +417,25 @@ class Checkpoint:
     tokenizer: Tokenizer             # checked to emit only ids below args.vocab_size
 
 
-def load_checkpoint(path_or_hub_id, allow_nonfinite: bool = False) -> Checkpoint:
-    """Find, read and validate a model: config, tokenizer (its ids must fit the
-    vocabulary), the weights' header (keys, shapes, dtypes) before any weight is read,
-    then the weights (finite unless ``allow_nonfinite``)."""
+@dataclass
+class CheckpointHeader:
+    """A model found and validated up to its weights' header: nothing of the weights read."""
+    folder: Path
+    args: ModelArgs
+    weights_file: SafetensorsFile    # its header checked against args (keys, shapes, dtypes)
+    layout: str
+    tokenizer: Tokenizer
+
+    @property
+    def dtypes(self) -> dict[str, str]:
+        """Tensor name -> stored safetensors dtype, for every tensor of the file."""
+        return {k: i.dtype for k, i in self.weights_file.infos.items()}
+
+
+def open_checkpoint(path_or_hub_id) -> CheckpointHeader:
+    """Find and validate a model without reading a weight: config, tokenizer (its ids must
+    fit the vocabulary), the weights' header (keys, shapes, dtypes). ufb_mlx then reads
+    the weights with ``mx.load``; ``load_checkpoint`` with this module's reader."""
     folder = resolve(path_or_hub_id)
     args, layout = read_config(folder)
     tokenizer = Tokenizer(folder, args.max_seq_length, vocab_size=args.vocab_size)
@@ -444,9 +452,18 @@ def load_checkpoint(path_or_hub_id, allow_nonfinite: bool = False) -> Checkpoint
         if args.id2label and len(args.id2label) != args.num_labels:
             args.id2label = None
         args.validate()
-    dtypes = {k: i.dtype for k, i in st.infos.items()}
-    check_weights({k: i.shape for k, i in st.infos.items()}, dtypes, args, str(wpath))
-    weights = sanitize({k: st.read(k) for k in st.infos}, args)
+    check_weights({k: i.shape for k, i in st.infos.items()}, {k: i.dtype for k, i in st.infos.items()},
+                  args, str(wpath))
+    return CheckpointHeader(folder, args, st, layout, tokenizer)
+
+
+def load_checkpoint(path_or_hub_id, allow_nonfinite: bool = False) -> Checkpoint:
+    """``open_checkpoint``, then the weights read into NumPy (finite unless
+    ``allow_nonfinite``)."""
+    head = open_checkpoint(path_or_hub_id)
+    st, dtypes = head.weights_file, head.dtypes
+    weights = sanitize({k: st.read(k) for k in st.infos}, head.args)
     if not allow_nonfinite:
-        check_finite(weights, str(wpath))
-    return Checkpoint(folder, args, weights, {k: dtypes[k] for k in weights}, layout, tokenizer)
+        check_finite(weights, str(st.path))
+    return Checkpoint(head.folder, head.args, weights, {k: dtypes[k] for k in weights}, head.layout,
+                      head.tokenizer)

@@ -2,7 +2,8 @@
 
 Each function is one equation of the model; ``Model`` strings them together. Arrays are
 batch-first: (batch B, sequence S, hidden H). Pass ``dtype=np.float64`` to ``load`` for
-ground-truth computations.
+ground-truth computations. Input validation is ``ufb_ref.inputs``, loading
+``ufb_ref.loading``, the losses ``ufb_ref.losses``.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import math
 import numpy as np
 
 from . import fff as fff_lib
-from .checkpoint import load_checkpoint, model_location
 from .config import ModelArgs
 from .errors import UFBError
+from .inputs import check_inputs
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:
@@ -108,33 +109,6 @@ def classify(w, hidden):
     return pooled @ w["head.weight"].T + w["head.bias"]
 
 
-def mlm_loss(logits, labels):
-    """Mean cross-entropy over the labelled positions (label != -100). The original keeps
-    only round(0.25 * B * S) positions; we predict every labelled one (identical whenever
-    no more than that many are labelled)."""
-    sel = labels != -100
-    if not sel.any():
-        raise UFBError("mlm_loss: no labelled positions")
-    lg = logits[sel].astype(np.float64)
-    logp = lg - lg.max(-1, keepdims=True)
-    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-    return -logp[np.arange(len(lg)), labels[sel]].mean()
-
-
-def check_inputs(input_ids, attention_mask, args: ModelArgs):
-    ids = np.asarray(input_ids)
-    if ids.ndim == 1:
-        ids = ids[None]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise UFBError(f"input_ids must be an integer array (batch, seq), got {ids.dtype} {ids.shape}")
-    if ids.shape[1] > args.max_seq_length:
-        raise UFBError(f"sequence length {ids.shape[1]} exceeds max_seq_length {args.max_seq_length}")
-    if ids.size and (ids.min() < 0 or ids.max() >= args.vocab_size):
-        raise UFBError(f"input_ids outside the vocabulary [0, {args.vocab_size})")
-    mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
-    return ids, mask
-
-
 class Model:
     """``model(input_ids, attention_mask=mask)`` -> MLM logits (B, S, V) or classifier
     logits (B, num_labels)."""
@@ -155,10 +129,3 @@ class Model:
             return classify(self.weights, hidden)
         return mlm_logits(self.weights, hidden)
 
-
-def load(path_or_hub_id, dtype=np.float32, mode: str = "descent", allow_nonfinite: bool = False):
-    """(Model, Tokenizer) from a converted folder, a Hub-layout folder, a Hub repo id or
-    "demo" (the model shipped in ufb_mlx). Weights holding NaN or Inf are refused unless
-    ``allow_nonfinite``."""
-    ckpt = load_checkpoint(model_location(path_or_hub_id), allow_nonfinite=allow_nonfinite)
-    return Model(ckpt.args, ckpt.weights, dtype=dtype, mode=mode), ckpt.tokenizer
