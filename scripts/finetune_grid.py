@@ -9,12 +9,14 @@ sentence comes from (bible, speeches, literature, reference, technical; 5 classe
 The task: per class, 600 training and 100 validation sentences from the corpus's training
 split (the demo model saw this text when it was pretrained, never its labels) and 200 test
 sentences from its held-out split (never seen); a sentence found in two groups is dropped.
-Every run is ``ufb_mlx.finetune`` with the given --lr and --epochs and every other option
-at its default; the model it keeps (best validation accuracy) is scored on the test set.
-Rows for a random-weight baseline (``--init random``) and a bag-of-words naive Bayes
-classifier put the numbers in context. Writes OUT/task/*.jsonl, OUT/runs/*, and
-OUT/grid.json with OUT/grid.md (the table of the demo model card). A finished run is not
-run again.
+Every run is ``ufb_mlx.finetune`` of --model (default: the demo model) with the given
+--lr and --epochs and every other option at its default; the model it keeps (best
+validation accuracy) is scored on the test set. Rows for a random-weight baseline
+(``--init random``) and the classical baselines of scripts/baselines.py (char n-gram and
+word TF-IDF + logistic regression, naive Bayes; scikit-learn, ``pip install -e ".[dev]"``)
+put the numbers in context. Writes OUT/task/*.jsonl, OUT/runs/*, and OUT/grid.json with
+OUT/grid.md (the table of the demo model card). A finished run is not run again (a new
+--model needs a new OUT). --task-only builds OUT/task and stops.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import resource
 import subprocess
 import sys
@@ -34,6 +35,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from baselines import run_baselines, scores  # noqa: E402
+from ufb_ref.errors import UFBError  # noqa: E402
 
 GROUPS = {
     "bible": "web,tdavid,mhcc,scofield",
@@ -76,59 +81,71 @@ def test_scores(model_dir: Path, test: list[dict]) -> dict:
 
     model, tok = ufb_mlx.load(model_dir)
     examples = [data.Example(r["text"], None, r["label"], "test") for r in test]
-    seqs, _ = data.TextEncoder(tok, model.args.max_seq_length)(examples)
+    seqs, cut = data.TextEncoder(tok, model.args.max_seq_length)(examples)
     pred = predict(model, seqs, tok.pad_token_id).argmax(1)
     y = data.encode_labels(examples, label_names(model))
-    return metrics.classification_metrics(y, pred, model.args.num_labels)
+    # "truncated": test texts longer than the model's sequence (it saw their start only).
+    return {**scores(y, pred, model.args.num_labels), "truncated": cut}
 
 
-def finetune(task: Path, out: Path, lr: float, epochs: int, init: str) -> dict:
-    """One run (skipped when its result exists); returns its result record."""
+def model_digest(model: str) -> str:
+    """sha256 of the model's weights: a finished run is reused only for the same model
+    ("demo" names whichever model the package ships)."""
+    import hashlib
+
+    from ufb_mlx.loading import model_location
+    from ufb_ref.checkpoint import resolve
+
+    h = hashlib.sha256()
+    with open(resolve(model_location(model)) / "model.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: str, model: str = "demo",
+             max_steps: int | None = None) -> dict:
+    """One run (skipped when its result exists); returns its result record. ``lr`` or
+    ``epochs`` None: ufb-finetune's default (its --recipe auto), recorded as it resolved it."""
+    # The runs start in the repository root: every path is made absolute first.
+    task, out = task.resolve(), out.resolve()
+    if model != "demo" and Path(model).exists():  # "demo" is the packaged model, not ./demo
+        model = str(Path(model).resolve())
+    weights = model_digest(model)
     result = out / "grid_result.json"
     if result.is_file():
-        return json.loads(result.read_text())
-    cmd = [sys.executable, "-m", "ufb_mlx.finetune", "--model", "demo", "--train", task / "train.jsonl",
-           "--valid", task / "valid.jsonl", "--out", out, "--lr", repr(lr), "--epochs", str(epochs),
-           "--init", init, "--force", "--quiet"]
+        rec = json.loads(result.read_text())
+        if rec.get("model_sha256", weights) != weights:
+            raise UFBError(f"{out} was fine-tuned from other weights than --model {model}'s: give a new --out")
+        return rec
+    cmd = [sys.executable, "-m", "ufb_mlx.finetune", "--model", model, "--train", task / "train.jsonl",
+           "--valid", task / "valid.jsonl", "--out", out, "--init", init, "--force", "--quiet"]
+    cmd += ["--lr", repr(lr)] if lr is not None else []
+    cmd += ["--epochs", str(epochs)] if epochs is not None else []
+    cmd += ["--max-steps", str(max_steps)] if max_steps else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([str(c) for c in cmd], check=True, cwd=ROOT)
+    rc = subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
+    if rc:
+        raise UFBError(f"ufb_mlx.finetune exited with {rc} for {out} (its message is above)")
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     best = json.loads((out / "train_results.json").read_text())
-    rec = {"lr": lr, "epochs": epochs, "init": init, "valid_accuracy": best["value"], "best_epoch": best["epoch"],
+    start = next(r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "start")
+    rec = {"lr": start["lr"], "epochs": start["epochs"], "init": init, "model": model, "model_sha256": weights,
+           "steps": start["total_steps"], "valid_accuracy": best["value"], "best_epoch": best["epoch"],
            "test": test_scores(out, read_jsonl(task / "test.jsonl")), "wall_s": wall,
            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
     result.write_text(json.dumps(rec, indent=2) + "\n")
     return rec
 
 
-def naive_bayes(task: Path) -> dict:
-    """Multinomial naive Bayes on lower-cased word unigrams and bigrams (add-one smoothing)."""
-    from ufb_mlx import metrics
-
-    def feats(text):
-        w = re.findall(r"[a-z0-9']+", text.lower())
-        return w + [a + " " + b for a, b in zip(w, w[1:])]
-
-    train, test = read_jsonl(task / "train.jsonl"), read_jsonl(task / "test.jsonl")
-    labels = sorted({r["label"] for r in train})
-    counts = {y: Counter() for y in labels}
-    for r in train:
-        counts[r["label"]].update(feats(r["text"]))
-    vocab = set().union(*counts.values())
-    prior = Counter(r["label"] for r in train)
-    logp = {y: (np.log(prior[y] / len(train)), sum(counts[y].values()) + len(vocab)) for y in labels}
-
-    def score(text, y):
-        lp, denom = logp[y]
-        return lp + sum(np.log((counts[y][f] + 1) / denom) for f in feats(text) if f in vocab)
-
-    pred = [labels.index(max(labels, key=lambda y: score(r["text"], y))) for r in test]
-    return metrics.classification_metrics([labels.index(r["label"]) for r in test], pred, len(labels))
+BASELINE_ROWS = {"char_tfidf_lr": "Character n-gram TF-IDF (2-5) + logistic regression",
+                 "word_tfidf_lr": "Word TF-IDF (unigrams, bigrams) + logistic regression",
+                 "naive_bayes": "Bag-of-words naive Bayes (unigrams and bigrams)"}
 
 
-def table(records: list[dict], nb: dict, sizes: dict) -> str:
+def table(records: list[dict], baselines: dict, sizes: dict) -> str:
     grid = [r for r in records if r["init"] == "pretrained" and not r.get("extra")]
     lrs, eps = sorted({r["lr"] for r in grid}), sorted({r["epochs"] for r in grid})
     by = {(r["lr"], r["epochs"]): r for r in grid}
@@ -149,7 +166,10 @@ def table(records: list[dict], nb: dict, sizes: dict) -> str:
             what = "`--init random` (same architecture, fresh weights)" if r["init"] == "random" else "pretrained"
             lines.append(f"- {what}, lr {r['lr']:g}, {r['epochs']} epochs: "
                          f"{r['test']['accuracy']:.3f} ({r['test']['f1']:.3f}).")
-    lines.append(f"- Bag-of-words naive Bayes (unigrams and bigrams): {nb['accuracy']:.3f} ({nb['f1']:.3f}).")
+    for name, what in BASELINE_ROWS.items():
+        b = baselines[name]
+        hp = "C" if "C" in b else "alpha"
+        lines.append(f"- {what}, {hp} {b[hp]:g} chosen on validation: {b['accuracy']:.3f} ({b['macro_f1']:.3f}).")
     best = max(grid, key=lambda r: r["valid_accuracy"])
     acc = best["test"]["accuracy"]
     lines.append(f"- Best grid cell by validation accuracy: lr {best['lr']:g}, {best['epochs']} epochs (validation "
@@ -190,6 +210,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--groups", type=Path, required=True, help="folder with one corpus build per group")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="demo", help="the pretrained model to fine-tune (default: the demo model)")
+    p.add_argument("--task-only", action="store_true", help="build OUT/task and stop")
+    p.add_argument("--max-steps", type=int, help="cut every run to this many steps (a quick check of the script)")
     p.add_argument("--lrs", default="4e-5,1e-4,2e-4,5e-4,1e-3")
     p.add_argument("--epochs", default="1,2,4")
     p.add_argument("--extra", default="", help="more runs from the pretrained weights, lr:epochs,... (e.g. the "
@@ -202,27 +225,35 @@ def main(argv=None):
 
     task = a.out / "task"
     sizes = build_task(a.groups, task, *a.per_class, a.seed)
+    print(f"task: {sizes} in {task}", flush=True)
+    if a.task_only:
+        return
+    baselines = run_baselines(task)  # first: fails early without scikit-learn
     records = []
     for lr in (float(x) for x in a.lrs.split(",")):
         for ep in (int(x) for x in a.epochs.split(",")):
-            records.append(finetune(task, a.out / "runs" / f"lr{lr:g}-ep{ep}", lr, ep, "pretrained"))
+            records.append(finetune(task, a.out / "runs" / f"lr{lr:g}-ep{ep}", lr, ep, "pretrained", a.model,
+                                    a.max_steps))
             print(json.dumps(records[-1]), flush=True)
     extra = [(spec, "pretrained") for spec in a.extra.split(",") if spec]
     extra += [(a.random_baseline, "random")] if a.random_baseline else []
     for spec, init in extra:
         lr, ep = float(spec.split(":")[0]), int(spec.split(":")[1])
         name = f"{'random-' if init == 'random' else ''}lr{lr:g}-ep{ep}"
-        records.append(dict(finetune(task, a.out / "runs" / name, lr, ep, init), extra=True))
+        records.append(dict(finetune(task, a.out / "runs" / name, lr, ep, init, a.model, a.max_steps), extra=True))
         print(json.dumps(records[-1]), flush=True)
-    nb = naive_bayes(task)
-    grid = {"task": sizes, "runs": records, "naive_bayes": nb}
+    grid = {"task": sizes, "runs": records, "baselines": baselines, "naive_bayes": baselines["naive_bayes"]}
     (a.out / "grid.json").write_text(json.dumps(grid, indent=2) + "\n")
-    (a.out / "grid.md").write_text(table(records, nb, sizes))
+    (a.out / "grid.md").write_text(table(records, baselines, sizes))
     print((a.out / "grid.md").read_text())
     if a.card:
-        update_card(a.card, grid, table(records, nb, sizes), "python scripts/finetune_grid.py " + " ".join(
+        update_card(a.card, grid, table(records, baselines, sizes), "python scripts/finetune_grid.py " + " ".join(
             argv if argv is not None else sys.argv[1:]))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UFBError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

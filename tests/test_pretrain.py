@@ -197,3 +197,28 @@ def test_config_and_model_exclude_each_other(capsys, corpus, tmp_path):
                                         "--model", str(MLM)])
     err = capsys.readouterr().err
     assert rc == 2 and "not allowed with argument" in err and err.count("\n") == 1
+
+
+def test_freeze_position_scale_keeps_only_that_scalar(corpus, tmp_path):
+    """--freeze-position-scale: the positions' learnt scale leaves the run exactly as it was
+    initialised (hidden_size ** -0.5, stored in float32), while every other weight trains;
+    without it the scale moves too. Resume stays bit-identical (the kill test's run with it)."""
+    scale = "encoder.embedding.pos_embedding.scale_factor"
+    for frozen in (True, False):
+        out = tmp_path / f"pt-{frozen}"
+        run_module("ufb_mlx.pretrain", "--corpus", corpus, "--out", out, *TINY, "--steps", "6", "--batch-size", "8",
+                   "--eval-every", "6", "--lr", "5e-3", "--keep", "1", *(["--freeze-position-scale"] if frozen else []))
+        w = load_weights(out / "model.safetensors")
+        init = np.float32(json.loads((out / "config.json").read_text())["hidden_size"] ** -0.5)
+        assert (w[scale] == init).all() == frozen, (frozen, w[scale])
+        opt = load_weights(out / "checkpoints/step-00000006/optimizer.safetensors")
+        assert any(scale in k for k in opt) != frozen  # a frozen scale has no Adam moments
+
+
+def test_kill_and_resume_with_a_frozen_scale_is_bit_identical(corpus, tmp_path):
+    cut, ref = tmp_path / "cut", tmp_path / "ref"
+    run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, cut, "--freeze-position-scale"), "checkpoint step 20")
+    run_module("ufb_mlx.pretrain", *_pretrain_args(corpus, ref, "--freeze-position-scale"))
+    run_module("ufb_mlx.pretrain", *_pretrain_args(corpus, cut, "--freeze-position-scale", "--resume"))
+    a, b = load_weights(ref / "model.safetensors"), load_weights(cut / "model.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)

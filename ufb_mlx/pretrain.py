@@ -270,8 +270,9 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                      f"{n_params / 1e6:.2f}M parameters, vocabulary {args.vocab_size}, {len(blocks)} training and "
                      f"{len(valid)} held-out blocks of {seq} tokens; {a.steps} steps, batch {a.batch_size}"
                      + (f" x {world.size} processes" if world.size > 1 else ""))
+        # run: the options, which a finished run's log keeps when its checkpoints are gone (--keep 0)
         logger.record("start", step=0, total_steps=a.steps, processes=world.size, blocks=len(blocks),
-                      valid_blocks=len(valid), vocab_size=args.vocab_size)
+                      valid_blocks=len(valid), vocab_size=args.vocab_size, run=run_cfg)
         with logger.phase(len(valid_inputs), "evaluating", "block") as progress:
             res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size, progress.update)
         logger.print(f"eval step 0 | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
