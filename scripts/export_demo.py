@@ -49,11 +49,14 @@ def run_summary(run: Path) -> dict:
 
 
 def run_options(run: Path) -> dict:
-    """The options of the run (its newest checkpoint's fingerprint): the recipe the card states."""
+    """The options of the run (its newest checkpoint's fingerprint, or, when a finished run
+    kept none, the one its log's start record holds): the recipe the card states."""
     from ufb_mlx.train import STATE_FILE, list_checkpoints
 
-    (_, newest), *_ = reversed(list_checkpoints(run))
-    return json.loads((newest / STATE_FILE).read_text())["run"]
+    ckpts = list_checkpoints(run)
+    if not ckpts:
+        return next(r for r in read_log(run) if r["event"] == "start")["run"]
+    return json.loads((ckpts[-1][1] / STATE_FILE).read_text())["run"]
 
 
 def shown_path(path: Path) -> str:

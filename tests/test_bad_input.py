@@ -110,7 +110,7 @@ def test_killed_convert_leaves_temporaries_that_the_next_convert_removes(tmp_pat
     assert [f.read_bytes() for f in stale[0].iterdir() if "model.safetensors" in f.name] == [b"half a file"]
     assert not out.exists()
     assert convert_cli("--hf-path", MLM, "--mlx-path", out).returncode == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no lock file left
     ufb_ref.load(out)
 
 
@@ -130,7 +130,7 @@ def test_a_weights_file_cut_short_by_a_full_disk_is_never_renamed_into_place(tmp
     monkeypatch.setattr(mx, "save_safetensors", cut_short)
     with pytest.raises(UFBError, match="corrupted safetensors file"):
         convert.convert(str(MLM), tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock"]
+    assert list(tmp_path.iterdir()) == []  # no output, no lock file
 
 
 def test_stale_temporaries_of_live_writers_and_other_folders_are_kept(tmp_path):
@@ -152,7 +152,36 @@ def test_folder_lock_refuses_a_second_writer(tmp_path):
             with fsio.folder_lock(tmp_path / "out"):
                 pass
     with fsio.folder_lock(tmp_path / "out"):  # released
-        pass
+        assert (tmp_path / ".out.lock").exists()  # only while held
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), fsio.folder_lock(tmp_path / "out"):
+        raise RuntimeError("the run failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_folder_lock_is_not_fooled_by_a_lock_file_removed_under_it(tmp_path, monkeypatch):
+    """The holder removes the lock file when it lets go: a process that opened the old file
+    just before must not count the lock it then gets on that removed file, or it and the
+    next process (which creates a new file) would both write the folder."""
+    lock = tmp_path / ".out.lock"
+    real_open, opened = os.open, []
+
+    def open_then_lose_the_race(path, flags, mode=0o777):
+        fd = real_open(path, flags, mode)
+        if not opened:  # the old holder removes the file, a newcomer creates another
+            opened.append(fd)
+            os.unlink(path)
+            os.close(real_open(path, os.O_RDWR | os.O_CREAT))
+        return fd
+
+    monkeypatch.setattr(fsio.os, "open", open_then_lose_the_race)
+    with fsio.folder_lock(tmp_path / "out"):
+        monkeypatch.setattr(fsio.os, "open", real_open)
+        assert len(opened) == 1
+        with pytest.raises(UFBError, match="being written by another process"):
+            with fsio.folder_lock(tmp_path / "out"):
+                pass
+    assert not lock.exists()
 
 
 def test_atomic_folder_keeps_the_old_folder_when_writing_fails(tmp_path):

@@ -46,8 +46,10 @@ def test_a_second_run_on_the_same_out_is_refused(train_file, tmp_path):
     with fsio.folder_lock(out):
         before = tree_state(tmp_path)
         proc = finetune("--model", MLM, "--train", train_file, "--out", out, "--force", "--epochs", "1")
+        after = tree_state(tmp_path)
     assert_one_line_error(proc, "being written by another process")
-    assert tree_state(tmp_path) == before
+    assert after == before
+    assert not (tmp_path / ".out.lock").exists()  # the holder's lock file went with its lock
 
 
 # ---------------------------------------------------------------------------- resume

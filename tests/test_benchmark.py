@@ -5,6 +5,7 @@ anything about speed."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -229,3 +230,66 @@ def test_harness_blocks_time_consecutive_calls_in_three_rounds():
     assert reps == 6 and {k: len(v) for k, v in times.items()} == {"a": 6, "b": 6, "c": 6}
     # three rounds of two consecutive calls per arm, the order rotating each round
     assert "".join(calls) == "aabbcc" + "bbccaa" + "ccaabb"
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("reps", [3, None])
+def test_harness_counts_every_call_in_its_progress(reps):
+    """The bar of a size counts the warm-up and timed calls and knows their total as soon
+    as measure() does (with reps=None: after the warm-up that sizes the rounds)."""
+    from ufb_mlx.progress import Progress
+
+    arms = [benchmark.Arm(n, lambda: None) for n in "abc"]
+    totals = []
+    out = Terminal()
+    with Progress(0, "[layer] tokens=1", "call", file=out) as progress:
+        def timer(arm):
+            totals.append(progress.total)
+            return 2.0
+
+        _, used = benchmark.measure(arms, reps=reps, warmup=1, budget_s=30, timer=timer, progress=progress)
+        assert progress.n == progress.total == 3 * (1 + used)
+    assert totals[-1] == 3 * (1 + used) and (reps is not None or totals[0] == 3)
+    text = out.getvalue()
+    assert f"/{3 * (1 + used)} [" in text and "call/s" in text and "<" in text  # the total, rate, time left
+
+
+def test_layer_shows_progress_on_a_terminal():
+    """`benchmark layer` on a terminal: a bar per size, with the rate and the time left."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    e = {k: v for k, v in os.environ.items() if k != "UFB_NO_OPENBLAS"}
+    proc = subprocess.Popen([sys.executable, "-m", "ufb_mlx.benchmark", "layer", "--tiny", "--tokens", "4",
+                             "--reps", "2"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while select.select([leader], [], [], 120)[0]:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "[layer] tokens=4:" in text and "call/s" in text and "\r" in text
+
+
+def test_help_lists_every_command_with_its_options():
+    p = bench("--help")
+    for cmd, desc in benchmark.COMMANDS.items():
+        assert f"{cmd} options" in p.stdout and " ".join(desc.split()[:4]) in " ".join(p.stdout.split())
+    for option in ("--tokens", "--backward", "--hf-python", "--task", "--budget", "--json"):
+        assert option in p.stdout, option
+    assert p.stdout.startswith("usage: python -m ufb_mlx.benchmark ")

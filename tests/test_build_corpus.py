@@ -267,10 +267,30 @@ def test_cli_writes_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipeline, "render_data_sources", boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        main(["--out", str(out), "--work", str(tmp_path / "w")], sources=[_fake_source(tmp_path)])
+        main(["--out", str(out), "--work", str(tmp_path / "w"), "--force"], sources=[_fake_source(tmp_path)])
     # nothing partial: old file untouched, no new outputs, no temporaries left
     assert sorted(p.name for p in out.iterdir()) == ["train.txt"]
     assert (out / "train.txt").read_text() == "old\n"
+
+
+def test_an_existing_corpus_is_replaced_only_with_force(tmp_path, capsys):
+    from ufb_corpus.build import cli
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train.txt").write_text("a corpus of mine\n")
+    args = ["--out", str(out), "--work", str(tmp_path / "w")]
+    assert cli(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    assert "already holds a corpus (train.txt); pass --force" in err
+    assert not (tmp_path / "w").exists()  # refused before anything was downloaded
+    assert (out / "train.txt").read_text() == "a corpus of mine\n"
+    (tmp_path / "file").write_text("x")
+    assert cli(["--out", str(tmp_path / "file"), "--work", str(tmp_path / "w")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([*args, "--force"], sources=[_fake_source(tmp_path)]) == 0
+    assert (out / "train.txt").read_text() != "a corpus of mine\n"
 
 
 def test_cli_fails_cleanly_when_nothing_fetched(tmp_path):

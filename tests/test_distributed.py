@@ -48,7 +48,7 @@ def test_two_processes_equal_one_process_with_double_batch_finetune(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", keyword_task(41, 0))
     valid = write_jsonl(tmp_path / "valid.jsonl", keyword_task(16, 1))
     common = ["--model", MLM, "--train", train, "--valid", valid, "--lr", "1e-3", "--epochs", "2",
-              "--dropout", "0", "--log-every", "2", "--save-every", "4"]
+              "--dropout", "0", "--log-every", "2", "--save-every", "4", "--keep", "1"]
     two, one = tmp_path / "two", tmp_path / "one"
     proc = mlx_launch(2, "ufb_mlx.finetune", *common, "--out", two, "--batch-size", "4")
     _launch_ok(proc, two)

@@ -29,16 +29,18 @@ def test_console_command_runs(name, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [name, "--help"])
     with pytest.raises(SystemExit) as e:
         entry()
-    assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+    # the usage line names the command as it was typed
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: {name} ")
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+    assert proc.returncode == 0 and proc.stdout.startswith(f"usage: python -m {module} "), proc.stderr
 
 
 def test_top_level_convert_is_the_package_converter():
     proc = subprocess.run([sys.executable, "convert.py", "--help"], cwd=REPO, env=env(), capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "--hf-path" in proc.stdout, proc.stderr
+    assert proc.stdout.startswith("usage: python convert.py ")
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
@@ -68,3 +70,30 @@ def test_tools_size_the_cpu_buffer_cache():
         assert mx.set_cache_limit(before) == expected
     finally:
         mx.set_cache_limit(before)
+
+
+def test_reference_blas_is_said_at_start_up():
+    """Every tool says in one line when MLX's CPU matmuls run on the slow reference BLAS
+    (here forced with UFB_NO_OPENBLAS; with OpenBLAS bound they say nothing, which
+    test_a_bad_option_is_one_line checks)."""
+    proc = subprocess.run([sys.executable, "-m", "ufb_mlx.classify", "--no-such-option"], cwd=REPO,
+                          env={**env(), "UFB_NO_OPENBLAS": "1"}, capture_output=True, text=True, timeout=60)
+    note, error = proc.stderr.splitlines()
+    assert note == ("note: MLX's CPU matmuls run on the mlx wheel's reference BLAS (UFB_NO_OPENBLAS set); "
+                    "dense products are ~30x slower than with OpenBLAS")
+    assert error.startswith("error: ") and proc.returncode == 2
+
+
+@pytest.mark.parametrize("status,says", [
+    ("reference BLAS of the mlx wheel (no system OpenBLAS: apt-get install libopenblas0-pthread)",
+     "(no system OpenBLAS: apt-get install libopenblas0-pthread)"),
+    ("OpenBLAS (/usr/lib/x86_64-linux-gnu/libopenblas.so.0, Haswell kernels)", None),
+    ("platform BLAS (Accelerate on macOS)", None),
+])
+def test_start_up_note_by_blas(monkeypatch, status, says):
+    from ufb_mlx import blas
+
+    monkeypatch.setattr(blas, "status", status)
+    note = blas.startup_note()
+    assert (note is None) if says is None else (says in note and note.startswith("note: "))
+

@@ -142,6 +142,8 @@ def _fails(capsys, argv, *needles, module=None):
     ('{"text": "a b", "label": 1}\n\n["c", 0]\n', "bad.jsonl:3: expected a JSON object"),
     ('{"text": "a b", "label": 1}\n{"label": 0}\n', "bad.jsonl:2: no 'text' field"),
     ('{"text": "a b", "label": 1}\n{"text": "c"}\n', "bad.jsonl:2: no 'label' field"),
+    ('{"sentence": "a b", "label": 1}\n', "bad.jsonl:1: no 'text' field (fields: sentence, label); --text-column"),
+    ('{"text": "a b", "y": 1}\n', "bad.jsonl:1: no 'label' field (fields: text, y); --label-column names"),
     ('{"text": "a b", "label": 1}\n{"text": "  ", "label": 0}\n', "bad.jsonl:2: 'text' is empty"),
     ('{"text": 5, "label": 1}\n', "bad.jsonl:1: 'text' must be a string"),
     ('{"text": "a", "label": [1]}\n', "bad.jsonl:1: 'label' must be a string or a number"),
@@ -264,3 +266,14 @@ def test_recipes(capsys, tmp_path):
     for bad, needle in ((["--epochs", "0"], "--epochs must be at least 1"), (["--max-steps", "0"], "--max-steps"),
                         (["--lr", "-1"], "--lr must be positive")):
         _fails(capsys, ["--model", MLM, "--train", train, "--out", tmp_path / "q", *bad], needle)
+
+
+@pytest.mark.parametrize("header,needle", [
+    ("sentence,label", "bad.csv:1: no 'text' column in the header (columns: sentence, label); --text-column names"),
+    ("text,y", "bad.csv:1: no 'label' column in the header (columns: text, y); --label-column names"),
+])
+def test_csv_with_other_column_names_suggests_the_options(capsys, tmp_path, header, needle):
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"{header}\na b,1\nc d,0\n")
+    _fails(capsys, ["--model", MLM, "--train", bad, "--out", tmp_path / "o"], needle)
+

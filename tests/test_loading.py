@@ -22,7 +22,7 @@ from ufb_ref.checkpoint import read_safetensors
 from ufb_ref.errors import UFBError
 
 from conftest import CLS, MLM, REPO
-from refusals import assert_one_line_error, copy_golden, edit_weights
+from refusals import assert_one_line_error, copy_golden, edit_weights, run_cli
 
 
 def run_convert(*args):
@@ -281,6 +281,119 @@ def test_mlx_parameter_names_are_hub_keys():
     names = {k for k, _ in tree_flatten(model.parameters())}
     hub, _ = read_safetensors(CLS / "model.safetensors")
     assert names == {k for k in hub if not k.endswith("norm_factor")}
+
+
+# ---------------------------------------------------------------------------- other models given as a model
+
+BERT_CONFIG = {"architectures": ["BertForMaskedLM"], "model_type": "bert", "hidden_size": 768,
+               "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "vocab_size": 30522}
+
+
+def test_a_dense_bert_folder_is_named_as_such_by_every_tool(tmp_path, train_jsonl):
+    """A Hugging Face BERT folder: the error names the folder and says what it is, instead
+    of "config.json: missing key 'num_layers'"."""
+    bert = tmp_path / "bert-base-uncased"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps(BERT_CONFIG))
+    with pytest.raises(UFBError, match=re.escape(f"'{bert}' is a dense BERT (model_type 'bert', BertForMaskedLM)")):
+        ufb_ref.load(bert)
+    for args in (["-m", "ufb_mlx.generate", "--model", bert, "--prompt", "a [MASK]."],
+                 ["convert.py", "--hf-path", bert, "--mlx-path", tmp_path / "out"],
+                 ["-m", "ufb_mlx.finetune", "--model", bert, "--train", train_jsonl, "--out", tmp_path / "ft"]):
+        assert_one_line_error(run_cli(args), str(bert), "is a dense BERT", "not an UltraFastBERT checkpoint")
+    (bert / "config.json").write_text(json.dumps({"model_type": "roberta", "architectures": ["RobertaModel"]}))
+    with pytest.raises(UFBError, match="holds a 'roberta' model"):
+        ufb_ref.load(bert)
+    (bert / "config.json").write_text(json.dumps({"hidden_size": 64}))  # ours, but incomplete: the path is named
+    with pytest.raises(UFBError, match=re.escape(f"{bert / 'config.json'}: missing key 'num_layers'")):
+        ufb_ref.load(bert)
+
+
+@pytest.fixture
+def train_jsonl(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a b", "label": 0}\n{"text": "c d", "label": 1}\n')
+    return path
+
+
+def _offline_cache(monkeypatch, cache: Path) -> None:
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+
+
+def test_a_bare_hub_id_is_a_hub_id(tmp_path, monkeypatch):
+    """bert-base-uncased (no owner) is a valid Hub id: offline and not cached it is "not in
+    the cache", and once cached it is recognised as the dense BERT it is."""
+    _offline_cache(monkeypatch, tmp_path / "hub")
+    with pytest.raises(UFBError, match="'bert-base-uncased' is not a local folder, and as a Hub repo id it is not "
+                                       "in the Hugging Face cache; HF_HUB_OFFLINE is set") as e:
+        ufb_ref.load("bert-base-uncased")
+    assert "neither" not in str(e.value)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(BERT_CONFIG))
+    make_hub_cache(tmp_path / "hub", "bert-base-uncased", src)
+    with pytest.raises(UFBError, match="is a dense BERT"):
+        ufb_mlx.load("bert-base-uncased")
+
+
+def test_a_dense_bert_on_the_hub_is_refused_before_its_weights_are_downloaded(tmp_path, monkeypatch):
+    """Online, the config comes first: a dense BERT never gets its 440 MB downloaded."""
+    import huggingface_hub
+    import huggingface_hub.constants as c
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(BERT_CONFIG))
+    asked = []
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda self, repo_id, **kw: asked.append(repo_id))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename, **kw: asked.append(filename) or cfg)
+
+    def no_snapshot(*a, **kw):
+        raise AssertionError("the weights would be downloaded")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_snapshot)
+    with pytest.raises(UFBError, match="'bert-base-uncased' is a dense BERT"):
+        ufb_ref.load("bert-base-uncased")
+    assert asked == ["bert-base-uncased", "config.json"]
+
+
+def test_a_checkpoint_folder_points_at_the_model_beside_it(tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step-00000008"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainer_state.json").write_text('{"step": 8}')
+    shutil.copytree(MLM, run, dirs_exist_ok=True)
+    with pytest.raises(UFBError, match=re.escape(f"'{ckpt}' is a training checkpoint (for --resume), not a model "
+                                                 f"folder: the model is in '{run}'")):
+        ufb_mlx.load(ckpt)
+    with pytest.raises(UFBError, match=re.escape(f"the model is in '{run}'")):
+        ufb_ref.load(run / "checkpoints")
+
+
+def test_numpy_reference_loads_the_demo_model_by_name():
+    """The same interface as ufb_mlx.load: "demo" is the shipped model (not ./demo)."""
+    ref, tok = ufb_ref.load("demo")
+    model, _ = ufb_mlx.load("demo")
+    assert ref.args == model.args
+    batch = tok(["The river runs to the [MASK]."])
+    want = np.array(model(batch["input_ids"], attention_mask=batch["attention_mask"]))
+    got = ref(np.array(batch["input_ids"]), np.array(batch["attention_mask"]))
+    # float32 both; the demo's 4-layer forward differs by summation order only
+    np.testing.assert_allclose(got, want, atol=1e-3 * np.abs(want).max(), rtol=0)
+
+
+def test_force_onto_a_training_run_says_what_it_is(tmp_path, train_jsonl):
+    out = tmp_path / "ft"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "log.jsonl").write_text("{}\n")
+    shutil.copy(MLM / "config.json", out)
+    assert_one_line_error(run_convert("--hf-path", MLM, "--mlx-path", out, "--force"),
+                          "holds a training run (ufb-finetune or ufb-pretrain", "not a converted model")
 
 
 # ---------------------------------------------------------------------------- reading weights

@@ -6,6 +6,7 @@ every bad input."""
 from __future__ import annotations
 
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import ufb_mlx
 from conftest import CLS, MLM
 from train_utils import keyword_task, load_weights, read_log, run_killed_after, run_module, toy_corpus
 from ufb_mlx.entry import errors_to_exit
+from ufb_mlx.train import list_checkpoints
 
 TINY = ["--config", "tiny", "--seq-length", "32", "--vocab-size", "200"]
 
@@ -80,22 +82,37 @@ def _pretrain_args(corpus, out, *extra):
 
 
 def test_kill_and_resume_is_bit_identical(corpus, tmp_path):
-    cut, ref = tmp_path / "cut", tmp_path / "ref"
-    run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, cut), "checkpoint step 20")
+    """kill -9 after a checkpoint, and Ctrl-C (a real SIGINT, which saves a checkpoint at
+    the step it stops at) between two: both resume to the uninterrupted run's bits. The
+    killed run leaves nothing in the temporary folder (its tokenizer copy is gone)."""
+    cut, ref, ctrl_c = tmp_path / "cut", tmp_path / "ref", tmp_path / "ctrl-c"
+    keep = ("--keep", "1")  # the last checkpoint, to compare optimizer states (0, the default, keeps none)
+    (tmp_path / "tmp").mkdir()
+    run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, cut, *keep), "checkpoint step 20",
+                     extra_env={"TMPDIR": str(tmp_path / "tmp")})
     assert max(r["step"] for r in read_log(cut) if r["event"] == "train") < 80
+    # (mlx: MLX's cache of compiled CPU kernels, one folder that every run reuses)
+    assert [p.name for p in (tmp_path / "tmp").iterdir() if p.name != "mlx"] == []
+    out, err = run_killed_after("ufb_mlx.pretrain", _pretrain_args(corpus, ctrl_c, *keep, "--save-every", "1000"),
+                                "step 5/80", sig=signal.SIGINT)
+    (step, path), = list_checkpoints(ctrl_c)
+    assert 5 <= step < 80 and f"saving a checkpoint at step {step}" in out
+    assert err == f"interrupted: at step {step}, saved in {path}: run the same command with --resume to continue " \
+                  "from there\n"
 
-    run_module("ufb_mlx.pretrain", *_pretrain_args(corpus, ref))
-    resumed = run_module("ufb_mlx.pretrain", *_pretrain_args(corpus, cut, "--resume"))
-    assert "resuming from" in resumed.stdout
-    assert (ref / "tokenizer.json").read_bytes() == (cut / "tokenizer.json").read_bytes()
-    for rel in ("model.safetensors", "checkpoints/step-00000080/optimizer.safetensors"):
-        a, b = load_weights(ref / rel), load_weights(cut / rel)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert np.array_equal(a[k], b[k]), f"{rel}: {k} differs after resume"
-    ev_ref = [r for r in read_log(ref) if r["event"] == "eval"]
-    ev_cut = [r for r in read_log(cut) if r["event"] == "eval"]
-    assert without_times(ev_ref) == without_times(ev_cut)
+    run_module("ufb_mlx.pretrain", *_pretrain_args(corpus, ref, *keep))
+    for run, extra in ((cut, keep), (ctrl_c, (*keep, "--save-every", "1000"))):
+        resumed = run_module("ufb_mlx.pretrain", *_pretrain_args(corpus, run, *extra, "--resume"))
+        assert "resuming from" in resumed.stdout
+        assert (ref / "tokenizer.json").read_bytes() == (run / "tokenizer.json").read_bytes()
+        for rel in ("model.safetensors", "checkpoints/step-00000080/optimizer.safetensors"):
+            a, b = load_weights(ref / rel), load_weights(run / rel)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert np.array_equal(a[k], b[k]), f"{run.name}: {rel}: {k} differs after resume"
+        ev_ref = [r for r in read_log(ref) if r["event"] == "eval"]
+        ev_run = [r for r in read_log(run) if r["event"] == "eval"]
+        assert without_times(ev_ref) == without_times(ev_run), run.name
 
 
 def without_times(records):
@@ -190,7 +207,7 @@ def test_freeze_position_scale_keeps_only_that_scalar(corpus, tmp_path):
     for frozen in (True, False):
         out = tmp_path / f"pt-{frozen}"
         run_module("ufb_mlx.pretrain", "--corpus", corpus, "--out", out, *TINY, "--steps", "6", "--batch-size", "8",
-                   "--eval-every", "6", "--lr", "5e-3", *(["--freeze-position-scale"] if frozen else []))
+                   "--eval-every", "6", "--lr", "5e-3", "--keep", "1", *(["--freeze-position-scale"] if frozen else []))
         w = load_weights(out / "model.safetensors")
         init = np.float32(json.loads((out / "config.json").read_text())["hidden_size"] ** -0.5)
         assert (w[scale] == init).all() == frozen, (frozen, w[scale])

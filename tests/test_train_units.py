@@ -190,6 +190,22 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".*"))  # no temporary left beside the checkpoints
 
 
+def test_checkpoints_kept_while_training_and_after(tmp_path):
+    """While training, --keep 0 still keeps the newest checkpoint (what --resume needs);
+    once the run has finished, exactly the newest --keep remain (0: none, nor their folder)."""
+    model = _tiny_model()
+    opt = train.make_optimizer(train.make_schedule("constant", 1e-3, 4, 0.0))
+    mx.eval(model.parameters())
+    for keep, after in ((0, []), (2, [3, 4]), (9, [1, 2, 3, 4])):
+        out = tmp_path / f"keep{keep}"
+        for s in range(1, 5):
+            train.save_checkpoint(out, s, model, opt, {}, keep=keep)
+            assert [n for n, _ in train.list_checkpoints(out)] == list(range(max(1, s - max(keep, 1) + 1), s + 1))
+        train.prune_checkpoints(out, keep)
+        assert [n for n, _ in train.list_checkpoints(out)] == after
+        assert (out / "checkpoints").exists() == bool(after)
+
+
 def test_single_process_world():
     w = train.World()
     assert (w.rank, w.size, w.main) == (0, 1, True)
@@ -303,3 +319,23 @@ def test_an_update_that_overflows_stops_training(compiled):
     weights infinite: the step reports a NonFiniteLoss instead of returning as if trained."""
     with pytest.raises(train.NonFiniteLoss, match="step 1"):
         _steps(compiled, lr=1e38, steps=1)
+
+
+def test_evaluations_report_their_progress():
+    """Every held-out block (or text) is counted once, batches without a label included,
+    and the figures are those of a run without progress."""
+    from ufb_mlx.evaluate import evaluate_classifier, evaluate_mlm
+
+    model = _tiny_model()
+    rng = np.random.default_rng(0)
+    inputs = rng.integers(7, 30, (10, 8)).astype(np.int32)
+    labels = np.full((10, 8), -100, dtype=np.int32)
+    labels[:4, 2] = inputs[:4, 2]  # the last batches hold no label
+    seen = []
+    with_progress = evaluate_mlm(model, inputs, labels, batch_size=3, on_batch=seen.append)
+    assert seen == [3, 3, 3, 1] and with_progress == evaluate_mlm(model, inputs, labels, batch_size=3)
+    cls = ufb_mlx.Model(ModelArgs(hidden_size=16, num_layers=1, num_heads=2, vocab_size=30, max_seq_length=8,
+                                  fff_depth=2, task="classification", num_labels=2, head_dim=8))
+    seen.clear()
+    evaluate_classifier(cls, [[7, 8, 9]] * 5, [0, 1, 0, 1, 0], pad_id=0, batch_size=2, on_batch=seen.append)
+    assert seen == [2, 2, 1]

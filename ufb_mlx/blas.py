@@ -93,3 +93,13 @@ def _corename(lib) -> str:
         return "unknown"
     fn.restype = ctypes.c_char_p
     return (fn() or b"unknown").decode()
+
+
+def startup_note() -> str | None:
+    """The line every tool prints at start-up when MLX's CPU matmuls run on the wheel's
+    reference BLAS (dense products ~30x slower); None otherwise."""
+    if not status.startswith("reference BLAS"):
+        return None
+    why = status[status.index("(") + 1:-1] if "(" in status else "no OpenBLAS"
+    return (f"note: MLX's CPU matmuls run on the mlx wheel's reference BLAS ({why}); dense products are "
+            "~30x slower than with OpenBLAS")

@@ -39,7 +39,7 @@ import numpy as np
 
 import ufb_ref
 from ufb_ref import fff as ref_fff
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.model import classify, mlm_logits
 from ufb_ref.tokenizer import Tokenizer, pad_batch
 
@@ -442,7 +442,7 @@ def format_report(doc: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m ufb_mlx.check",
+        prog=command_name("ufb_mlx.check"),
         description="Compare every conditional-FFF backend present here (MLX ops, CPU extension, "
                     "Metal kernels) with the float64 NumPy reference: model logits, routing paths, "
                     "FFF outputs and gradients.",

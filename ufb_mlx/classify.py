@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from . import data
 from .entry import console
@@ -53,7 +53,7 @@ def read_inputs(a) -> list[data.Example]:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m ufb_mlx.classify", description=__doc__,
+    p = ArgumentParser(prog=command_name("ufb_mlx.classify"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="classifier folder (e.g. the --out of ufb_mlx.finetune) or Hub id")
     src = p.add_mutually_exclusive_group(required=True)

@@ -19,7 +19,7 @@ import mlx.core as mx
 
 from ufb_ref import fsio
 from ufb_ref.checkpoint import CONFIG_FILE, TOKENIZER_FILES, WEIGHTS_FILE, open_checkpoint
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from .entry import console
 from .loading import model_location, read_weights, save_model
@@ -74,7 +74,7 @@ def _local_input(source) -> list[Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__,
+    p = ArgumentParser(prog=command_name("ufb_mlx.convert"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hf-path", required=True, help="Hub repo id, local Hub-layout folder or 'demo'")
     p.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")

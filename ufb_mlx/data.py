@@ -130,14 +130,16 @@ def _read_jsonl(path, content, fmt, text_col, pair_col, label_col, need_label):
         if not isinstance(row, dict):
             raise UFBError(f"{where}: expected a JSON object with a '{text_col}' field, got {type(row).__name__}")
         if text_col not in row:
-            raise UFBError(f"{where}: no '{text_col}' field")
+            raise UFBError(f"{where}: no '{text_col}' field (fields: {', '.join(map(str, row))[:200]}); "
+                           "--text-column names the one to use")
         text = check_text(row[text_col], text_col, where)
         pair = check_text(row.get(pair_col), pair_col, where, optional=True)
         label = None
         if label_col in row:
             label = _check_label(row[label_col], label_col, where)
         elif need_label:
-            raise UFBError(f"{where}: no '{label_col}' field")
+            raise UFBError(f"{where}: no '{label_col}' field (fields: {', '.join(map(str, row))[:200]}); "
+                           "--label-column names the one to use")
         out.append(Example(text, pair, label, where))
     return out
 
@@ -153,10 +155,10 @@ def _read_delimited(path, content, fmt, text_col, pair_col, label_col, need_labe
         twice = sorted({h for h in header if header.count(h) > 1})
         if twice:
             raise UFBError(f"{path}:1: column '{twice[0]}' appears more than once in the header")
-        if text_col not in header:
-            raise UFBError(f"{path}:1: no '{text_col}' column in the header (columns: {', '.join(header)})")
-        if need_label and label_col not in header:
-            raise UFBError(f"{path}:1: no '{label_col}' column in the header (columns: {', '.join(header)})")
+        for col, option, needed in ((text_col, "--text-column", True), (label_col, "--label-column", need_label)):
+            if needed and col not in header:
+                raise UFBError(f"{path}:1: no '{col}' column in the header (columns: {', '.join(header)}); "
+                               f"{option} names the one to use")
         ti, pi, li = (header.index(c) if c in header else None for c in (text_col, pair_col, label_col))
         out = []
         for row in reader:

@@ -60,11 +60,17 @@ def _fail(message: str) -> int:
 
 
 def console(main: Callable[[list[str] | None], int | None]) -> Callable[[], None]:
-    """The console-script entry of a tool: sets up MLX's CPU runtime for a process that
-    runs a model (ufb_mlx.backend.configure_cpu_runtime), runs ``main`` on sys.argv, exits."""
+    """The console-script entry of a tool: says so when MLX's CPU matmuls run on the slow
+    reference BLAS (ufb_mlx.blas.startup_note), sets up MLX's CPU runtime for a process
+    that runs a model (ufb_mlx.backend.configure_cpu_runtime), runs ``main`` on sys.argv,
+    exits."""
     def entry() -> None:
+        from . import blas
         from .backend import configure_cpu_runtime
 
+        note = blas.startup_note()
+        if note:
+            print(note, file=sys.stderr, flush=True)
         configure_cpu_runtime()
         # Paths with undecodable bytes (held as surrogates) print as the bytes they are.
         if hasattr(sys.stdout, "reconfigure"):

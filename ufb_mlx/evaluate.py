@@ -39,10 +39,11 @@ def is_regressor(model: Model) -> bool:
     return model.args.problem_type == "regression"
 
 
-def evaluate_classifier(model: Model, seqs, targets, pad_id: int, batch_size: int = 64) -> dict[str, float]:
+def evaluate_classifier(model: Model, seqs, targets, pad_id: int, batch_size: int = 64,
+                        on_batch=None) -> dict[str, float]:
     """Accuracy, F1 and Matthews correlation (regression: Pearson, Spearman and MSE) and
-    the mean loss on labelled sequences."""
-    logits = predict(model, seqs, pad_id, batch_size)
+    the mean loss on labelled sequences; ``on_batch`` as for ``predict``."""
+    logits = predict(model, seqs, pad_id, batch_size, on_batch=on_batch)
     targets = np.asarray(targets)
     loss = float(example_losses(mx.array(logits), mx.array(targets), is_regressor(model)).mean().item())
     return {**task_metrics(model, logits, targets), "loss": loss}
@@ -78,14 +79,18 @@ def label_scores(model: Model, logits: np.ndarray, top_k: int = 1) -> list[dict]
     return out
 
 
-def evaluate_mlm(model: Model, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 64) -> dict[str, float]:
+def evaluate_mlm(model: Model, inputs: np.ndarray, labels: np.ndarray, batch_size: int = 64,
+                 on_batch=None) -> dict[str, float]:
     """Held-out MLM loss (mean over the labelled tokens) and masked-token accuracy of
-    masked blocks (``labels`` -100 where nothing is predicted)."""
+    masked blocks (``labels`` -100 where nothing is predicted); ``on_batch(n)`` is told of
+    every ``n`` blocks done (progress)."""
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i:i + batch_size], labels[i:i + batch_size]
         n = int((y != -100).sum())
+        if on_batch is not None:
+            on_batch(len(x))
         if not n:
             continue
         logits, targets = masked_lm_logits(model, mx.array(x), mx.ones(x.shape, dtype=mx.int32), y)

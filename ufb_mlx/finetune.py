@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,7 +34,7 @@ from mlx.utils import tree_flatten
 from ufb_ref import fsio
 from ufb_ref.checkpoint import CONFIG_FILE, WEIGHTS_FILE, resolve
 from ufb_ref.config import ModelArgs
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.tokenizer import pad_batch
 
 from . import data, metrics, train
@@ -116,7 +115,7 @@ def build_classifier(base: Model, base_folder: Path, num_labels: int, regression
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ufb_mlx.finetune", description=__doc__,
+    p = ArgumentParser(prog=command_name("ufb_mlx.finetune"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEMO,
                    help="model folder, Hub id or 'demo' (the model shipped in the package; default); "
@@ -309,7 +308,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         epoch_end = step % steps_per_epoch == 0 or step == total  # (--max-steps may end mid-epoch)
         epoch = (step - 1) // steps_per_epoch + 1
         if epoch_end and valid_ex:
-            res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size)
+            with logger.phase(len(x_valid), "evaluating", "text") as progress:
+                res = evaluate_classifier(model, x_valid, y_valid, pad_id, a.eval_batch_size, progress.update)
             improved = metrics.is_better(a.metric, res[a.metric], best["value"], res["loss"],
                                    (best["metrics"] or {}).get("loss"))
             # A NaN metric (e.g. Pearson of constant predictions) selects nothing; the run
@@ -329,15 +329,18 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             save_model(out, model, model.args, tok.path.parent)
             best = {"metric": None, "value": None, "step": step, "epoch": epoch, "metrics": None}
         if epoch_end or (a.save_every and step % a.save_every == 0) or step == total:
-            if world.main:
-                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
-                logger.print(f"checkpoint step {step} -> {path}")
-            logger.record("checkpoint", step=step)
-            world.barrier()
+            checkpoint(step)
+
+    def checkpoint(step):
+        if world.main:
+            path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg, "best": best}, a.keep)
+            logger.print(f"checkpoint step {step} -> {path}")
+        logger.record("checkpoint", step=step)
+        world.barrier()
 
     train.train_loop(trainer, logger, start_step=start, total_steps=total, get_batch=get_batch,
                  after_step=after_step, log_every=a.log_every,
-                 describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}")
+                 describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}", checkpoint=checkpoint, keep=a.keep)
     if world.main:
         fsio.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
     if world.main and not (out / WEIGHTS_FILE).is_file():  # never report a model that is not there

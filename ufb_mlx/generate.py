@@ -53,7 +53,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.tokenizer import pad_batch
 
 from .entry import console
@@ -253,7 +253,7 @@ def peak_memory_mb() -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m ufb_mlx.generate",
+        prog=command_name("ufb_mlx.generate"),
         description="Fill the masks ([MASK] or <mask>) of prompts with an UltraFastBERT masked-LM model.",
         epilog='example: python -m ufb_mlx.generate --model tests/data/golden/ufb-tiny-1x3 '
                '--prompt "The capital of France is [MASK]."')

@@ -20,12 +20,10 @@ Under ``mlx.launch -n N`` the processes train data-parallel (--batch-size is per
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import hashlib
 import json
 import math
-import shutil
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from mlx.utils import tree_flatten
 
 from ufb_ref.checkpoint import read_json_object, resolve
 from ufb_ref.config import ModelArgs
-from ufb_ref.errors import ArgumentParser, UFBError
+from ufb_ref.errors import ArgumentParser, UFBError, command_name
 from ufb_ref.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 from . import data, train
@@ -75,7 +73,7 @@ def config_from(spec: str) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m ufb_mlx.pretrain", description=__doc__,
+    p = ArgumentParser(prog=command_name("ufb_mlx.pretrain"), description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", nargs="+", required=True, help="text files and/or folders")
     p.add_argument("--out", required=True, help="output folder: the model, checkpoints, log.jsonl")
@@ -182,7 +180,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     # Tokenizer: the model's, a given one, the interrupted run's, or a new one.
     logger = train.Logger(out, world, a.quiet)
-    hf = None
+    hf = tok_tmp = None
     if base_tok is not None:
         tok, tok_src = base_tok, base_tok.path.parent
     elif a.tokenizer:
@@ -200,10 +198,11 @@ def _main(argv, held: contextlib.ExitStack) -> int:
         hf = data.train_wordpiece(lines, target) if world.main else None
         logger.print(f"tokenizer trained in {time.perf_counter() - t0:.1f} s")
         text = world.broadcast_text(hf.to_str() if world.main else None)
-        tmp_dir = tempfile.mkdtemp(prefix="ufb-tokenizer-")  # read again while packing
-        atexit.register(shutil.rmtree, tmp_dir, True)
-        (Path(tmp_dir) / "tokenizer.json").write_text(text)
-        tok, tok_src = Tokenizer(tmp_dir), None
+        # Read again while packing, then removed (on every way out of main, too).
+        tok_tmp = tempfile.TemporaryDirectory(prefix="ufb-tokenizer-")
+        held.callback(tok_tmp.cleanup)
+        (Path(tok_tmp.name) / "tokenizer.json").write_text(text)
+        tok, tok_src = Tokenizer(tok_tmp.name), None
     if base is None:
         if a.config is None or a.config in PRESETS:
             cfg["vocab_size"] = tok.vocab_size  # presets take the tokenizer's vocabulary
@@ -231,6 +230,8 @@ def _main(argv, held: contextlib.ExitStack) -> int:
             raise UFBError(f"--valid-fraction {a.valid_fraction:g} of {len(blocks)} blocks leaves no training block; "
                            "lower it or give --valid")
         valid, blocks = blocks[np.sort(perm[:n_valid])], blocks[np.sort(perm[n_valid:])]
+    if tok_tmp is not None:  # packed: a kill during training leaves no copy behind
+        tok_tmp.cleanup()
 
     # All inputs are good: now the output folder is prepared (and --force clears it).
     train.make_schedule(a.schedule, a.lr, a.steps, a.warmup)  # validates
@@ -272,9 +273,11 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                      f"{n_params / 1e6:.2f}M parameters, vocabulary {args.vocab_size}, {len(blocks)} training and "
                      f"{len(valid)} held-out blocks of {seq} tokens; {a.steps} steps, batch {a.batch_size}"
                      + (f" x {world.size} processes" if world.size > 1 else ""))
+        # run: the options, which a finished run's log keeps when its checkpoints are gone (--keep 0)
         logger.record("start", step=0, total_steps=a.steps, processes=world.size, blocks=len(blocks),
-                      valid_blocks=len(valid), vocab_size=args.vocab_size)
-        res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size)
+                      valid_blocks=len(valid), vocab_size=args.vocab_size, run=run_cfg)
+        with logger.phase(len(valid_inputs), "evaluating", "block") as progress:
+            res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size, progress.update)
         logger.print(f"eval step 0 | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
         logger.record("eval", step=0, **res)
     if start >= a.steps:
@@ -312,19 +315,23 @@ def _main(argv, held: contextlib.ExitStack) -> int:
 
     def after_step(step):
         if step % a.eval_every == 0 or step == a.steps:
-            res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size)
+            with logger.phase(len(valid_inputs), "evaluating", "block") as progress:
+                res = evaluate_mlm(model, valid_inputs, valid_labels, a.eval_batch_size, progress.update)
             logger.print(f"eval step {step} | held-out mlm loss {res['mlm_loss']:.4f} | accuracy {res['mlm_accuracy']:.4f}")
             logger.record("eval", step=step, **res)
         if step % a.save_every == 0 or step == a.steps:
-            if world.main:
-                save_model(out, model, args, tok_src)
-                path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
-                logger.print(f"checkpoint step {step} -> {path}")
-            logger.record("checkpoint", step=step)
-            world.barrier()
+            checkpoint(step)
+
+    def checkpoint(step):
+        if world.main:
+            save_model(out, model, args, tok_src)
+            path = train.save_checkpoint(out, step, model, optimizer, {"run": run_cfg}, a.keep)
+            logger.print(f"checkpoint step {step} -> {path}")
+        logger.record("checkpoint", step=step)
+        world.barrier()
 
     train.train_loop(trainer, logger, start_step=start, total_steps=a.steps, get_batch=get_batch,
-                 after_step=after_step, log_every=a.log_every)
+                 after_step=after_step, log_every=a.log_every, checkpoint=checkpoint, keep=a.keep)
     logger.print(f"model saved in {out}")
     return 0
 

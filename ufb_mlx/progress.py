@@ -30,17 +30,30 @@ class Progress:
         self._t0 = self._last = time.monotonic()
         self._bar = (tqdm(total=total, initial=initial, desc=desc, unit=unit, file=self.file,
                           dynamic_ncols=True, leave=False) if self.tty else None)
+        self._figures = None  # a status line under the bar, made by the first figures
 
     def update(self, n: int = 1, **figures) -> None:
-        """``n`` more units done; ``figures`` (e.g. loss=...) shown beside the bar."""
+        """``n`` more units done; ``figures`` (e.g. loss=...) shown on a line of their own
+        under the bar (beside it, they would squeeze the bar and be cut at 80 columns)."""
         self.n += n
         if self._bar is not None:
             if figures:
-                self._bar.set_postfix(figures, refresh=n == 0)
+                if self._figures is None:
+                    self._figures = tqdm(total=0, bar_format="{desc}", position=1, file=self.file,
+                                         dynamic_ncols=True, leave=False)
+                self._figures.set_description_str("  " + " | ".join(f"{k} {v}" for k, v in figures.items()),
+                                                  refresh=True)
             if n:
                 self._bar.update(n)
         elif self.enabled and self.interval is not None and time.monotonic() - self._last >= self.interval:
             self.write(f"{self.desc}: {self.n}/{self.total} {self.unit}s, {self.meter()}")
+
+    def set_total(self, total: int) -> None:
+        """The amount of work, once it is known (e.g. after a warm-up that sizes it)."""
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
 
     def meter(self) -> str:
         """'0:42 elapsed, 1:10 left, 3.2 steps/s' (what a bar shows, for a plain line)."""
@@ -60,6 +73,9 @@ class Progress:
             print(line, file=self.file, flush=True)
 
     def close(self) -> None:
+        if self._figures is not None:
+            self._figures.close()
+            self._figures = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

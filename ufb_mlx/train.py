@@ -18,8 +18,10 @@ checkpoint therefore ends with exactly (bit for bit) the weights of an uninterru
 
 Checkpoints: ``OUT/checkpoints/step-00000040/`` with ``model.safetensors``,
 ``optimizer.safetensors`` and ``trainer_state.json``; written into a temporary folder that is
-renamed into place, so a killed run leaves only complete checkpoints. The newest ``keep``
-are kept.
+renamed into place, so a killed run leaves only complete checkpoints. While the run goes on
+the newest ``max(keep, 1)`` are kept (resuming needs one); once it has finished, the newest
+``keep`` (none for 0). Ctrl-C lets the current step finish and saves a checkpoint there
+(a second Ctrl-C stops at once).
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -127,7 +131,9 @@ def add_run_arguments(parser, save_every: int, save_help: str):
     r.add_argument("--eval-batch-size", type=int, default=64)
     r.add_argument("--log-every", type=int, default=10)
     r.add_argument("--save-every", type=int, default=save_every, help=save_help)
-    r.add_argument("--keep", type=int, default=2, help="checkpoints kept (default 2)")
+    r.add_argument("--keep", type=int, default=0,
+                   help="checkpoints kept once the run has finished, newest first (default 0: none, the model "
+                        "stays); while it runs, the newest max(KEEP, 1), which --resume needs")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     r.add_argument("--force", action="store_true", help="replace a run or model already in --out")
     r.add_argument("--quiet", action="store_true", help="no progress lines (log.jsonl is still written)")
@@ -142,9 +148,11 @@ def check_optimisation_args(a) -> None:
     """The options fine-tuning and pretraining share, each in the precision it is used in
     (float32: --lr 1e39 would be inf, --eps 1e-46 zero, a beta of 0.999999999 one), and
     the run options; called before anything is written."""
-    for name, v in (("--eval-batch-size", a.eval_batch_size), ("--log-every", a.log_every), ("--keep", a.keep)):
+    for name, v in (("--eval-batch-size", a.eval_batch_size), ("--log-every", a.log_every)):
         if v < 1:
             raise UFBError(f"{name} must be at least 1, got {v}")
+    if a.keep < 0:
+        raise UFBError(f"--keep must be >= 0, got {a.keep}")
     if a.lr is not None and not F32_TINY <= a.lr <= F32_MAX:
         raise UFBError(f"--lr must be positive and a normal float32 number (from {F32_TINY:.3g} to {F32_MAX:.3g}), "
                        f"got {a.lr:g}")
@@ -381,6 +389,11 @@ class Logger:
                                  enabled=self.world.main and not self.quiet, interval=None)
         return self.progress
 
+    def phase(self, total: int, desc: str, unit: str) -> Progress:
+        """The progress of other long work of the run (an evaluation): a bar under the
+        training bar on a terminal, else a line every 10 seconds."""
+        return Progress(total, desc, unit, file=sys.stdout, enabled=self.world.main and not self.quiet)
+
     def record(self, event: str, **values) -> None:
         if self.world.main:
             stamp = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
@@ -425,45 +438,103 @@ def read_log(out) -> list[dict]:
     return records
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) as a request to stop after the current step, so that the loop can
+    save a checkpoint where it stands; a second Ctrl-C raises KeyboardInterrupt at once.
+    Only Python's own SIGINT handler is replaced, and only in the main thread: an ignored
+    SIGINT (a background job) or a program's own handler stays as it was."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "StopRequest":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, world: World) -> bool:
+        """Whether any process was asked to stop (all processes stop at the same step)."""
+        if world.size == 1:
+            return self.requested
+        return bool(world.sum(np.array([int(self.requested)], dtype=np.int64))[0])
+
+
 def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps: int, get_batch,
-               after_step, log_every: int, describe=lambda step: "") -> None:
+               after_step, log_every: int, describe=lambda step: "", checkpoint=None, keep: int = 0) -> None:
     """Steps start_step+1 .. total_steps. ``get_batch(step)`` -> (batch, scale, global
-    tokens); ``after_step(step)`` evaluates / checkpoints. Logs every ``log_every`` steps:
-    step, mean loss over the interval (all processes), learning rate, tokens/s, peak memory;
-    on a terminal the bar shows them instead of a line. Ctrl-C ends with a message that
-    says how to continue (``Interrupted``)."""
+    tokens); ``after_step(step)`` evaluates / checkpoints; ``checkpoint(step)`` saves one
+    (every process calls it; rank 0 writes). Logs every ``log_every`` steps: step, mean loss
+    over the interval (all processes), learning rate, tokens/s, peak memory; on a terminal
+    the bar shows them instead of a line. Ctrl-C finishes the step under way, saves a
+    checkpoint there and ends with a message that says how to continue (``Interrupted``);
+    a finished run keeps its newest ``keep`` checkpoints."""
     world = trainer.world
+    out = logger.path.parent
     progress = logger.start_progress(total_steps, start_step)
     loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
     step = start_step
     try:
-        for step in range(start_step + 1, total_steps + 1):
-            batch, scale, n_tokens = get_batch(step)
-            loss_sum += trainer.step(step, batch, scale)
-            tokens += n_tokens
-            steps += 1
-            progress.update(1)
-            if step % log_every == 0 or step == total_steps:
-                loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
-                dt = time.perf_counter() - t0
-                lr = float(trainer.optimizer.learning_rate.item())
-                rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
-                           peak_memory_gb=peak_memory_gb())
-                progress.update(0, loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                if not progress.tty:
-                    logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
-                                 f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB | "
-                                 f"{progress.meter()}")
-                logger.record("train", **rec)
-                loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
-            after_step(step)
+        with StopRequest() as stop:
+            for step in range(start_step + 1, total_steps + 1):
+                batch, scale, n_tokens = get_batch(step)
+                loss_sum += trainer.step(step, batch, scale)
+                tokens += n_tokens
+                steps += 1
+                progress.update(1)
+                if step % log_every == 0 or step == total_steps:
+                    loss = float(world.sum(np.array([loss_sum]))[0]) / (world.size * steps)
+                    dt = time.perf_counter() - t0
+                    lr = float(trainer.optimizer.learning_rate.item())
+                    rec = dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens / max(dt, 1e-9),
+                               peak_memory_gb=peak_memory_gb())
+                    progress.update(0, loss=f"{loss:.4f}", lr=f"{lr:.2e}", **{"tok/s": _si(rec["tokens_per_s"])})
+                    if not progress.tty:
+                        logger.print(f"step {step}/{total_steps}{describe(step)} | loss {loss:.4f} | lr {lr:.3e} | "
+                                     f"{rec['tokens_per_s']:.0f} tok/s | peak mem {rec['peak_memory_gb']:.3f} GB | "
+                                     f"{progress.meter()}")
+                    logger.record("train", **rec)
+                    loss_sum, tokens, steps, t0 = 0.0, 0, 0, time.perf_counter()
+                after_step(step)
+                if step < total_steps and stop.agreed(world):
+                    if checkpoint is not None and not _saved_at(out, step, world):
+                        logger.print(f"Ctrl-C: saving a checkpoint at step {step} (Ctrl-C again to stop at once)")
+                        checkpoint(step)
+                    raise KeyboardInterrupt
     except KeyboardInterrupt:
-        raise Interrupted(resume_hint(logger.path.parent, step)) from None
+        raise Interrupted(resume_hint(out, step)) from None
     except NonFiniteLoss as e:
-        raise UFBError(str(e) + kept_after_stop(logger.path.parent)) from e
+        raise UFBError(str(e) + kept_after_stop(out)) from e
     finally:
         progress.close()
         logger.progress = None
+    if world.main:
+        prune_checkpoints(out, keep)
+
+
+def _saved_at(out: Path, step: int, world: World) -> bool:
+    """Whether rank 0 (the one that writes them) has a checkpoint of ``step``; the same
+    answer on every process, which need not see rank 0's folder."""
+    newest = list_checkpoints(out)[-1][0] if world.main and list_checkpoints(out) else None
+    return bool(world.sum(np.array([int(newest == step)], dtype=np.int64))[0])
+
+
+def _si(v: float) -> str:
+    """12345.6 -> '12.3k': figures that keep the bar short."""
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
 
 
 def resume_hint(out: Path, step: int) -> str:
@@ -472,6 +543,9 @@ def resume_hint(out: Path, step: int) -> str:
     if not ckpts:
         return (f"at step {step}, before the first checkpoint; run the same command with --force to start "
                 "again (or checkpoint sooner with --save-every)")
+    if ckpts[-1][0] == step:
+        return (f"at step {step}, saved in {ckpts[-1][1]}: run the same command with --resume to continue "
+                "from there")
     return (f"at step {step}; the last checkpoint is step {ckpts[-1][0]}: run the same command with --resume "
             "to continue from it")
 
@@ -494,7 +568,8 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
     """Write OUT/checkpoints/step-XXXXXXXX atomically (ufb_ref.fsio.atomic_folder: a
-    temporary folder, then a rename) and keep the newest ``keep`` checkpoints."""
+    temporary folder, then a rename) and keep the newest ``max(keep, 1)`` checkpoints (the
+    run goes on: --resume needs one)."""
     root = Path(out) / CHECKPOINTS
     final = root / f"step-{step:08d}"
     # replace: a resumed run saving the same step again
@@ -502,9 +577,18 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
         save_safetensors(tmp / WEIGHTS_FILE, dict(tree_flatten(model.parameters())))
         save_safetensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)))
         (tmp / STATE_FILE).write_text(json.dumps(clean_tree({**state, "step": step}), indent=2) + "\n")
-    for _, old in list_checkpoints(out)[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    prune_checkpoints(out, max(keep, 1))
     return final
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; 0 removes them all, and their folder."""
+    ckpts = list_checkpoints(out)
+    for _, old in ckpts[: max(len(ckpts) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
+    root = Path(out) / CHECKPOINTS
+    if keep == 0 and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def restore_checkpoint(path: Path, model, optimizer) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelArgs
+from .config import MODEL_TYPE, ModelArgs
 from .errors import UFBError
 from .tokenizer import Tokenizer
 
@@ -32,7 +32,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 # ---------------------------------------------------------------------------------------
 # Finding the folder
-
 
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder as is; anything else is a Hub repo id fetched through
@@ -47,7 +46,8 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
             raise UFBError(f"model path '{path}' is a file, not a model folder")
         return path
     repo_id = str(path_or_hub_id)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+    # Hub ids are owner/name, or a bare name for the oldest models (bert-base-uncased).
+    if repo_id.count("/") > 1 or repo_id.startswith((".", "/", "~")) or repo_id.endswith("/"):
         raise UFBError(f"model '{repo_id[:200]}' is neither a local folder nor a Hub repo id (owner/name)")
     try:
         from huggingface_hub import HfApi, constants, snapshot_download
@@ -73,15 +73,26 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
             raise UFBError(f"could not download '{repo_id}' from the Hub: {str(e).splitlines()[0]}") from e
         except Exception:  # no answer in time, no network: the cache may still hold it
             local_only = True
+        else:  # the config first: a dense BERT is refused before its weights are downloaded
+            try:
+                from huggingface_hub import hf_hub_download
+
+                cfg = Path(hf_hub_download(repo_id, CONFIG_FILE, etag_timeout=timeout))
+            except Exception:  # no config.json, or the download failed: the snapshot says which
+                cfg = None
+            if cfg is not None:
+                refuse_foreign(read_json_object(cfg), repo_id)
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=timeout,
                                       local_files_only=local_only))
     except RepositoryNotFoundError as e:
         raise UFBError(f"Hub repo '{repo_id}' not found (or private)") from e
     except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise UFBError(f"model '{repo_id}' is not a local folder, and as a Hub repo id it is not in the Hugging "
+                           "Face cache; HF_HUB_OFFLINE is set, so the Hub was not asked") from e
         raise UFBError(f"model '{repo_id}' is not a local folder and is not in the Hugging Face cache, "
-                       f"and the Hub did not answer (HF_HUB_OFFLINE, no network, or no reply within "
-                       f"{timeout} s)") from e
+                       f"and the Hub did not answer (no network, or no reply within {timeout} s)") from e
     except (HfHubHTTPError, OSError) as e:
         raise UFBError(f"could not download '{repo_id}' from the Hub: {str(e).splitlines()[0]}") from e
 
@@ -109,14 +120,56 @@ def read_json_object(path: Path) -> dict:
     return cfg
 
 
+# What a training run writes (ufb_mlx.train): a checkpoint folder holds these, no config.
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
 def read_config(folder: Path) -> tuple[ModelArgs, str]:
     """The model's args and the folder's layout: "crammedBERT" (Hub, nested ``arch``) or
-    "ultrafastbert" (converted, flat)."""
+    "ultrafastbert" (converted, flat). A training checkpoint or a dense (Hugging Face)
+    BERT is named as such, with what to use instead."""
     path = folder / CONFIG_FILE
     if not path.is_file():
+        if (folder / TRAINER_STATE_FILE).is_file():
+            run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+            raise UFBError(f"'{folder}' is a training checkpoint (for --resume), not a model folder: the model "
+                           f"is in '{run}'")
+        if folder.name == "checkpoints" and (folder.parent / CONFIG_FILE).is_file():
+            raise UFBError(f"'{folder}' holds training checkpoints (for --resume): the model is in '{folder.parent}'")
         raise UFBError(f"{path}: no config.json in the model folder")
     cfg = read_json_object(path)
-    return ModelArgs.from_dict(cfg), "crammedBERT" if "arch" in cfg else "ultrafastbert"
+    refuse_foreign(cfg, folder)
+    try:
+        return ModelArgs.from_dict(cfg), "crammedBERT" if "arch" in cfg else "ultrafastbert"
+    except UFBError as e:  # name the file the user gave, not just "config.json"
+        msg = str(e)
+        raise UFBError(f"{path}{msg[len(CONFIG_FILE):]}" if msg.startswith(CONFIG_FILE + ":") else msg) from None
+
+
+def refuse_foreign(cfg: dict, where) -> None:
+    """A UFBError for the config of another kind of model: a dense (Hugging Face) BERT, or
+    any other ``model_type``; ``where`` names the folder or Hub id."""
+    dense, kind = dense_bert(cfg), cfg.get("model_type")
+    use = ("use an UltraFastBERT model (a folder written by this project, 'demo', or "
+           "pbelcak/UltraFastBERT-1x11-long)")
+    if dense:
+        raise UFBError(f"'{where}' is a dense BERT ({dense}), not an UltraFastBERT checkpoint: its feedforward "
+                       f"layers are dense, not fast feedforward trees; {use}")
+    if isinstance(kind, str) and kind not in (MODEL_TYPE, "crammedBERT") and "arch" not in cfg:
+        raise UFBError(f"'{where}' holds a {kind!r} model (config.json model_type), not an UltraFastBERT "
+                       f"checkpoint; {use}")
+
+
+def dense_bert(cfg: dict) -> str | None:
+    """What a Hugging Face BERT config says it is ("model_type 'bert', BertForMaskedLM"),
+    or None for any other config."""
+    names = cfg.get("architectures")
+    names = [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
+    bert_names = [n for n in names if n.startswith("Bert")]
+    if cfg.get("model_type") != "bert" and not bert_names:
+        return None
+    parts = [f"model_type {cfg['model_type']!r}"] if "model_type" in cfg else []
+    return ", ".join(parts + bert_names)
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 command-line parser of every tool reports through it too."""
 
 import argparse
+import os
+import sys
 
 
 class UFBError(ValueError):
@@ -31,3 +33,20 @@ class ArgumentParser(argparse.ArgumentParser):
         if extras:
             self.error(f"unrecognized arguments: {' '.join(extras)}")
         return super().parse_args(args, namespace)
+
+
+def command_name(module: str) -> str:
+    """The command as the user typed it, for usage lines and "see ... --help": the console
+    script (``ufb-generate``), ``python -m MODULE``, or ``python SCRIPT.py``; ``python -m
+    MODULE`` when the tool runs inside another program (a test, a notebook)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name in (module, f"{module}.__main__"):
+        return f"python -m {module}"
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    base = os.path.basename(argv0)
+    if base.startswith("ufb-"):
+        return base
+    if spec is None and base.endswith(".py") and os.path.abspath(argv0) == os.path.abspath(
+            getattr(sys.modules.get("__main__"), "__file__", "") or ""):
+        return f"python {argv0}"
+    return f"python -m {module}"

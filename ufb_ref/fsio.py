@@ -8,10 +8,12 @@ lost or left half-written, whatever kills the process and whenever.
   (``.NAME.tmp-PID-XXXX``), then renamed into place; a replaced folder is first renamed
   aside (``.NAME.old-PID-XXXX``) and removed only after the new one is in place.
   ``clean_stale_temporaries`` removes what a killed writer left (its process is gone).
-- ``folder_lock``: an advisory lock (``filelock``: fcntl.flock on POSIX) held by the one
-  process that writes a folder; a second one gets a one-line error instead of silently
-  losing one of the two results. The lock file is a hidden sibling ``.NAME.lock``; it is
-  never removed (removing a lock file while others may open it breaks the lock).
+- ``folder_lock``: an advisory lock (fcntl.flock) held by the one process that writes a
+  folder; a second one gets a one-line error instead of silently losing one of the two
+  results. The lock file is a hidden sibling ``.NAME.lock`` that exists only while the
+  lock is held: its holder removes it before letting go, and a process that locked a file
+  which has meanwhile been removed or replaced lets go and tries again, so that two
+  processes never both hold "the" lock.
 - Model folders are marked: ``MARKER`` inside lists the files the project wrote, so that
   ``check_replaceable`` can tell a folder that ``--force`` may replace (a model folder of
   ours, nothing else in it) from anything else.
@@ -22,6 +24,7 @@ become one line too.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -223,6 +226,10 @@ def check_replaceable(dest: str | os.PathLike, inputs: Iterable[str | os.PathLik
         return
     listed = marked_files(dest)
     if not isinstance(listed, list):
+        if "log.jsonl" in entries or "checkpoints" in entries:  # what ufb_mlx.train writes
+            raise UFBError(f"--force: '{dest}' holds a training run (ufb-finetune or ufb-pretrain: log.jsonl, "
+                           "checkpoints/), not a converted model; refusing to replace it (choose another "
+                           "output folder, or remove it yourself)")
         raise UFBError(f"--force: '{dest}' is not a model folder written by this project (no {MARKER}); "
                        "refusing to replace it (remove it yourself)")
     unknown = [e for e in entries if not listed_entry(e, listed)]
@@ -258,10 +265,8 @@ def marked_files(folder: str | os.PathLike) -> list | None:
 @contextmanager
 def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
     """Hold the advisory write lock of ``folder`` (a hidden sibling ``.NAME.lock`` of the
-    resolved path, symlinks followed) for the block; a UFBError at once if another process
-    holds it."""
-    from filelock import FileLock, Timeout
-
+    resolved path, symlinks followed, removed when the block ends) for the block; a
+    UFBError at once if another process holds it."""
     # The resolved path: a run on a folder and one on a symlink to it share one lock.
     try:
         folder = Path(folder).resolve()
@@ -275,14 +280,42 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         raise UFBError(f"cannot write '{folder}': '{above}' is a file, not a folder")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(lock_path))
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise UFBError(f"'{folder}' is being written by another process (lock {lock_path.name} is held); "
-                       "wait for it to finish or choose another output") from None
+        fd = _lock_file(lock_path)
     except OSError as e:
         raise UFBError(f"cannot lock '{folder}': {describe_os_error(e)}") from e
+    if fd is None:
+        raise UFBError(f"'{folder}' is being written by another process (lock {lock_path.name} is held); "
+                       "wait for it to finish or choose another output")
     try:
         yield
     finally:
-        lock.release()
+        # Removed while still locked: whoever opened this file meanwhile finds, once it
+        # gets the lock, that the name no longer leads to it, and starts again.
+        try:
+            lock_path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+def _lock_file(path: Path) -> int | None:
+    """An open descriptor of ``path`` holding its exclusive flock, or None when another
+    process holds it. filelock (which the project used before) keeps lock files forever by
+    design; removing them safely needs the check of the locked file's identity below."""
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # EACCES: some file systems
+                return None
+            raise
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fd)):
+            return fd
+        os.close(fd)  # its holder removed it between our open and our lock
