@@ -30,12 +30,17 @@ from ufb_ref import fsio
 from ufb_ref.errors import UFBError
 
 
+# These tests damage, resume and replace the checkpoints a finished run leaves: keep them
+# (a finished run keeps none by default, --keep 0).
+KEEP = ["--keep", "2"]
+
+
 def finetune(*args, **kw):
-    return run_cli(["-m", "ufb_mlx.finetune", *args], **kw)
+    return run_cli(["-m", "ufb_mlx.finetune", *args, *([] if "--keep" in args else KEEP)], **kw)
 
 
 def pretrain(*args, **kw):
-    return run_cli(["-m", "ufb_mlx.pretrain", *args], **kw)
+    return run_cli(["-m", "ufb_mlx.pretrain", *args, *([] if "--keep" in args else KEEP)], **kw)
 
 
 PT_TINY = ["--config", "tiny", "--seq-length", "16", "--batch-size", "4", "--eval-every", "2", "--log-every", "1"]

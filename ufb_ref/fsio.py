@@ -226,10 +226,10 @@ def check_replaceable(dest: str | os.PathLike, inputs: Iterable[str | os.PathLik
         return
     listed = marked_files(dest)
     if not isinstance(listed, list):
-        if "log.jsonl" in entries or "checkpoints" in entries:  # what ufb_mlx.train writes
+        if (dest / "checkpoints").is_dir() and "log.jsonl" in entries:  # what ufb_mlx.train writes
             raise UFBError(f"--force: '{dest}' holds a training run (ufb-finetune or ufb-pretrain: log.jsonl, "
-                           "checkpoints/), not a converted model; refusing to replace it (choose another "
-                           "output folder, or remove it yourself)")
+                           f"checkpoints/) without this project's marker ({MARKER}), not a converted model; "
+                           "refusing to replace it (choose another output folder, or remove it yourself)")
         raise UFBError(f"--force: '{dest}' is not a model folder written by this project (no {MARKER}); "
                        "refusing to replace it (remove it yourself)")
     unknown = [e for e in entries if not listed_entry(e, listed)]
