@@ -339,3 +339,16 @@ def test_evaluations_report_their_progress():
     seen.clear()
     evaluate_classifier(cls, [[7, 8, 9]] * 5, [0, 1, 0, 1, 0], pad_id=0, batch_size=2, on_batch=seen.append)
     assert seen == [2, 2, 1]
+
+
+def test_the_training_package_does_not_import_the_command_line_layer():
+    """ufb_mlx.train is library code: importing it (and the model, data and losses it
+    trains) loads no module of the CLI layer (ufb_mlx.entry) nor any tool."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ufb_mlx.train, ufb_mlx.losses, ufb_mlx.data; "
+            "print(sorted(m for m in sys.modules if m in ('ufb_mlx.entry', 'ufb_mlx.finetune', 'ufb_mlx.pretrain', "
+            "'ufb_mlx.generate', 'ufb_mlx.classify')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

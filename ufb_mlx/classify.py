@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         measured = task_metrics(model, logits, targets)
 
     if a.json:
-        from .train import clean_tree
+        from .jsonable import clean_tree
 
         print(json.dumps(clean_tree({"model": str(a.model), "results": results, "metrics": measured})))
     else:

@@ -24,10 +24,6 @@ _MLX_ENVIRONMENT_ERROR = re.compile(r"^\[(load|save|write|read)\w*\]|^\[\w*mallo
                                     r"Unable to write")
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during work that can be continued; the message says how."""
-
-
 def errors_to_exit(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)``; return its exit status."""
     try:

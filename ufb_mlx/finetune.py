@@ -40,6 +40,7 @@ from ufb_ref.tokenizer import pad_batch
 from . import data, metrics, train
 from .entry import console
 from .evaluate import evaluate_classifier
+from .jsonable import clean_tree
 from .loading import DEMO, load, model_location, save_model
 from .losses import classification_loss
 from .model import FFF_MODES, Model
@@ -180,16 +181,11 @@ def _check_args(a) -> None:
 
 
 def main(argv=None) -> int:
-    with contextlib.ExitStack() as held:  # the lock on --out, until the run ends
-        return _main(argv, held)
+    with train.tool_run(build_parser(), argv, _check_args) as run:
+        return _main(*run)
 
 
-def _main(argv, held: contextlib.ExitStack) -> int:
-    a = build_parser().parse_args(argv)
-    _check_args(a)
-    world = train.World()
-    out = Path(a.out)
-    train.check_out_path(a.out)
+def _main(a, world: train.World, out: Path, held: contextlib.ExitStack) -> int:
 
     # Everything a bad input can break is checked before the output folder is touched.
     base_folder = resolve(model_location(a.model))
@@ -342,7 +338,7 @@ def _main(argv, held: contextlib.ExitStack) -> int:
                  after_step=after_step, log_every=a.log_every,
                  describe=lambda s: f" epoch {(s - 1) // steps_per_epoch + 1}", checkpoint=checkpoint, keep=a.keep)
     if world.main:
-        fsio.atomic_write_text(out / "train_results.json", json.dumps(train.clean_tree(best), indent=2) + "\n")
+        fsio.atomic_write_text(out / "train_results.json", json.dumps(clean_tree(best), indent=2) + "\n")
     if world.main and not (out / WEIGHTS_FILE).is_file():  # never report a model that is not there
         raise UFBError(f"the run ended without a model in '{out}'")
     if best["value"] is not None:

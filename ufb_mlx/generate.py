@@ -59,7 +59,7 @@ from ufb_ref.tokenizer import pad_batch
 from .entry import console
 from .loading import DEMO, load
 from .progress import Progress
-from .train import clean_tree
+from .jsonable import clean_tree
 
 STRATEGIES = ("iterative", "parallel")
 

@@ -133,16 +133,11 @@ def _tokenizer_hash(tok: Tokenizer) -> str:
 
 
 def main(argv=None) -> int:
-    with contextlib.ExitStack() as held:  # the lock on --out, until the run ends
-        return _main(argv, held)
+    with train.tool_run(build_parser(), argv, _check_args) as run:
+        return _main(*run)
 
 
-def _main(argv, held: contextlib.ExitStack) -> int:
-    a = build_parser().parse_args(argv)
-    _check_args(a)
-    world = train.World()
-    out = Path(a.out)
-    train.check_out_path(a.out)
+def _main(a, world: train.World, out: Path, held: contextlib.ExitStack) -> int:
 
     # Corpus and model source first: bad inputs fail before the output folder is touched.
     files = data.corpus_files(a.corpus)
