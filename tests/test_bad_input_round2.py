@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 import numpy as np
 import pytest
 
@@ -373,11 +374,11 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_restored(restorable,
     final all-NaN model overwrote the good one); the others ended in a traceback."""
     ckpt, model, opt = restorable
     bad = _tamper(ckpt, tmp_path, file, edit)
-    before = {k: np.array(v) for k, v in train.tree_flatten(model.parameters())}
+    before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     with pytest.raises(UFBError, match="cannot read the checkpoint") as e:
         train.restore_checkpoint(bad, model, opt)
     assert needle in str(e.value) and "\n" not in str(e.value)
-    after = {k: np.array(v) for k, v in train.tree_flatten(model.parameters())}
+    after = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     assert all(np.array_equal(before[k], after[k]) for k in before)
     train.restore_checkpoint(ckpt, model, opt)  # the undamaged one restores
 
