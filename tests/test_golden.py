@@ -214,7 +214,7 @@ def test_training_step_minimises_the_golden_loss(mlm_cases, cls_cases, task, com
     if task == "mlm_at":
         labels = batch.pop("labels")
         pos, targets, weights = data.label_positions(np.array(labels), count + 5)
-        assert weights.sum() == count and len(weights) == count + 5  # padding present, and weighted out
+        assert weights.sum() == count and len(weights) == count + 5  # padded to the multiple, weighted out
         batch.update(positions=mx.array(pos), targets=mx.array(targets), weights=mx.array(weights))
     elif task == "mlm":
         batch["labels"] = cases["labels"]  # host labels: mlm_loss selects the positions with NumPy

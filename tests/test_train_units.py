@@ -352,3 +352,17 @@ def test_the_training_package_does_not_import_the_command_line_layer():
             "'ufb_mlx.generate', 'ufb_mlx.classify')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_label_positions_pad_to_a_multiple():
+    """The labelled tokens in row-major order, then padding of weight 0 up to the next
+    multiple (at least one multiple for a batch without a label)."""
+    from ufb_mlx import data
+
+    labels = np.full((3, 10), -100, dtype=np.int32)
+    labels[0, 2], labels[2, 7], labels[1, 0] = 11, 33, 22
+    pos, targets, weights = data.label_positions(labels, multiple=4)
+    assert pos.tolist() == [2, 10, 27, 0] and targets.tolist() == [11, 22, 33, 0]
+    assert weights.tolist() == [1, 1, 1, 0]
+    assert len(data.label_positions(np.full((2, 5), 7, np.int32), multiple=4)[0]) == 12
+    assert data.label_positions(np.full((2, 5), -100, np.int32), multiple=4)[2].tolist() == [0, 0, 0, 0]

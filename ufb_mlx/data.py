@@ -365,22 +365,17 @@ class Masker:
         return inputs.astype(np.int32), labels
 
 
-def position_capacity(tokens: int, mask_rate: float) -> int:
-    """A fixed number of predicted positions per batch of ``tokens`` tokens that a
-    Masker's draw exceeds with negligible probability: the mean plus 8 standard deviations
-    of the binomial count, rounded up to a multiple of 64. One count means one shape for a
-    compiled training step; a batch above it is padded to its own count instead."""
-    mean = mask_rate * tokens
-    return int(math.ceil((mean + 8 * math.sqrt(tokens * mask_rate * (1 - mask_rate)) + 1) / 64) * 64)
-
-
-def label_positions(labels: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def label_positions(labels: np.ndarray, multiple: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(flat positions, targets, weights) of the labelled tokens of ``labels`` (B, S), in
-    row-major order, padded with position 0, target 0 and weight 0 to ``capacity`` (or to
-    the count, if more)."""
+    row-major order, padded with position 0, target 0 and weight 0 up to a multiple of
+    ``multiple``. A compiled training step is traced once per count; the Masker's count
+    varies by a few standard deviations, so a handful of counts occur (a padding of the
+    mean plus 8 standard deviations, one shape for every batch, cost 12 % more time a step
+    at batch 32 x 128 than the exact count: the MLM head's work grows with the padding).
+    """
     flat = labels.reshape(-1)
     positions = np.flatnonzero(flat != -100)
-    size = max(capacity, len(positions))
+    size = max(-(-len(positions) // multiple), 1) * multiple
     pos = np.zeros(size, dtype=np.int32)
     targets = np.zeros(size, dtype=np.int32)
     weights = np.zeros(size, dtype=np.float32)

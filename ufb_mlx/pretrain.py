@@ -296,14 +296,12 @@ def _main(a, world: train.World, out: Path, held: contextlib.ExitStack) -> int:
             rows[sel] = orders[int(e)][within[sel]]
         return rows
 
-    capacity = data.position_capacity(a.batch_size * seq, a.mask_rate)
-
     def get_batch(step):
         inputs, labels = masker(blocks[rows_of(step)], np.random.default_rng([a.seed, step]))
         count = int((labels != -100).sum())
         local = data.shard(np.arange(global_batch), world.rank, world.size)
         # A slice without a masked token adds 0 to the loss sum (and zero gradients).
-        positions, targets, weights = data.label_positions(labels[local], capacity)
+        positions, targets, weights = data.label_positions(labels[local])
         batch = {"input_ids": mx.array(inputs[local]), "attention_mask": mx.ones(inputs[local].shape, dtype=mx.int32),
                  "positions": mx.array(positions), "targets": mx.array(targets), "weights": mx.array(weights)}
         return batch, world.size / max(count, 1), global_batch * seq
