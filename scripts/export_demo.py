@@ -70,7 +70,7 @@ def showcase_rows(model_dir: Path, prompts_file: Path) -> list[dict]:
 
     model, tok = ufb_mlx.load(model_dir)
     prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
-    return [{"prompt": r["prompt"], "top3": [(c["token"], round(c["probability"], 3))
+    return [{"prompt": r["prompt"], "top3": [(c["token"], round(c["prob"], 3))
                                              for c in r["masks"][0]["candidates"]]}
             for r in fill_mask(model, tok, prompts, top_k=3)]
 
