@@ -20,6 +20,7 @@ from ufb_mlx import benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import GOLDEN  # noqa: E402
+from train_utils import read_terminal  # noqa: E402
 
 
 def bench(*args: str, env: dict | None = None, rc: int = 0) -> subprocess.CompletedProcess:
@@ -262,7 +263,6 @@ def test_layer_shows_progress_on_a_terminal():
     """`benchmark layer` on a terminal: a bar per size, with the rate and the time left."""
     import fcntl
     import pty
-    import select
     import struct
     import termios
 
@@ -272,17 +272,8 @@ def test_layer_shows_progress_on_a_terminal():
     proc = subprocess.Popen([sys.executable, "-m", "ufb_mlx.benchmark", "layer", "--tiny", "--tokens", "4",
                              "--reps", "2"], cwd=REPO, env=e, stdout=subprocess.DEVNULL, stderr=follower)
     os.close(follower)
-    chunks = []
-    while select.select([leader], [], [], 120)[0]:
-        try:
-            data = os.read(leader, 4096)
-        except OSError:
-            break
-        if not data:
-            break
-        chunks.append(data)
+    text = read_terminal(leader)
     assert proc.wait(timeout=120) == 0
-    text = b"".join(chunks).decode(errors="replace")
     assert "[layer] tokens=4:" in text and "call/s" in text and "\r" in text
 
 

@@ -9,7 +9,6 @@ import fcntl
 import io
 import os
 import pty
-import select
 import signal
 import struct
 import subprocess
@@ -19,7 +18,7 @@ import termios
 import pytest
 
 from conftest import MLM, REPO
-from train_utils import ctrl_c_as_in_a_terminal, env, keyword_task, read_log, write_jsonl
+from train_utils import ctrl_c_as_in_a_terminal, env, keyword_task, read_log, read_terminal, write_jsonl
 from ufb_mlx.progress import Progress
 
 
@@ -69,20 +68,8 @@ def test_training_shows_a_bar_on_a_terminal(tmp_path):
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # an 80-column terminal
     proc = subprocess.Popen(_finetune_args(tmp_path), cwd=REPO, env=env(), stdout=follower, stderr=follower)
     os.close(follower)
-    chunks = []
-    while True:
-        ready, _, _ = select.select([leader], [], [], 120)
-        if not ready:
-            break
-        try:
-            data = os.read(leader, 4096)
-        except OSError:  # the child closed the terminal
-            break
-        if not data:
-            break
-        chunks.append(data)
+    text = read_terminal(leader)
     assert proc.wait(timeout=120) == 0
-    text = b"".join(chunks).decode(errors="replace")
     assert "training:" in text and "16/16" in text and "step/s" in text
     assert "step 16/16 |" not in text  # no plain progress lines on a terminal
     screen_lines = [ln.rstrip("\r").split("\r")[-1] for ln in text.replace("\x1b[A", "\n").split("\n")]

@@ -162,3 +162,21 @@ def run_killed_after(module: str, args, marker: str, timeout: float = 60, sig: i
     expected = -signal.SIGKILL if sig == signal.SIGKILL else 130
     assert proc.returncode == expected, f"{module} did not stop at '{marker}' ({proc.returncode}): {err}"
     return out, err
+
+
+def read_terminal(leader: int, timeout: float = 120) -> str:
+    """Everything written to a pseudo-terminal until its child closes it (or nothing comes
+    for ``timeout`` seconds), decoded."""
+    import os
+    import select
+
+    chunks = []
+    while select.select([leader], [], [], timeout)[0]:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks).decode(errors="replace")

@@ -22,21 +22,16 @@ from ..jsonable import clean_tree
 CHECKPOINTS = "checkpoints"
 
 
-
 STATE_FILE = "trainer_state.json"
-
 
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 
 
-
 _CKPT = re.compile(r"step-(\d{8,})$")
 
 
-
 _CKPT_TEMP = re.compile(r"\.(step-\d{8,})\.(?:tmp|old)-")  # ufb_ref.fsio's temporary names
-
 
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
@@ -49,7 +44,6 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
         if m and (p / STATE_FILE).is_file():
             found.append((int(m.group(1)), p))
     return sorted(found)
-
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
@@ -67,7 +61,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, state: dict, keep: i
     return final
 
 
-
 def prune_checkpoints(out: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints; 0 removes them all, and their folder."""
     ckpts = list_checkpoints(out)
@@ -76,7 +69,6 @@ def prune_checkpoints(out: Path, keep: int) -> None:
     root = Path(out) / CHECKPOINTS
     if keep == 0 and root.is_dir() and not any(root.iterdir()):
         root.rmdir()
-
 
 
 def restore_checkpoint(path: Path, model, optimizer) -> dict:
@@ -109,7 +101,6 @@ def restore_checkpoint(path: Path, model, optimizer) -> dict:
     return state
 
 
-
 def _check_tree(what: str, got: dict, want: dict) -> None:
     """A checkpoint file's arrays must be exactly the ``want`` ones (keys, shapes, dtypes),
     and finite (float ones)."""
@@ -130,7 +121,6 @@ def _check_tree(what: str, got: dict, want: dict) -> None:
     finite = mx.stack([mx.all(mx.isfinite(got[k])) for k in floats]) if floats else mx.array([True])
     if not np.array(finite).all():
         raise ValueError(f"{what}: '{floats[int(np.argmin(np.array(finite)))]}' is not finite")
-
 
 
 def recover_checkpoints(out: Path) -> None:

@@ -11,9 +11,7 @@ import mlx.optimizers as optim
 from ufb_ref.errors import UFBError
 
 
-
 SCHEDULES = ("cosine", "triangle", "constant")
-
 
 
 def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
@@ -41,11 +39,9 @@ def make_schedule(kind: str, lr: float, total_steps: int, warmup: float):
     return schedule
 
 
-
 def no_weight_decay(name: str, *_) -> bool:
     """Biases and normalisation parameters are not decayed (the original's limited decay)."""
     return "bias" in name or "norm" in name
-
 
 
 def make_optimizer(schedule, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01):
@@ -56,7 +52,6 @@ def make_optimizer(schedule, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01):
                            bias_correction=True)
 
     return optim.MultiOptimizer([adamw(0.0), adamw(weight_decay)], [no_weight_decay])
-
 
 
 def init_normal(module, std: float = 0.02) -> None:
@@ -70,7 +65,6 @@ def init_normal(module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             m.weight = mx.ones_like(m.weight)
             m.bias = mx.zeros_like(m.bias)
-
 
 
 def init_model(model) -> None:

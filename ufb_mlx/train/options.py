@@ -10,7 +10,6 @@ import numpy as np
 from ufb_ref.errors import UFBError
 
 
-
 def add_run_arguments(parser, save_every: int, save_help: str):
     """The "run" options that fine-tuning and pretraining share; returns the group."""
     r = parser.add_argument_group("run")
@@ -26,13 +25,10 @@ def add_run_arguments(parser, save_every: int, save_help: str):
     return r
 
 
-
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-
 F32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
-
 
 
 def check_optimisation_args(a) -> None:
@@ -66,12 +62,10 @@ def check_optimisation_args(a) -> None:
         raise UFBError("--resume and --force exclude each other")
 
 
-
 # Options that say where a run writes, how it starts and how often it reports or saves:
 # a resumed run may change them. Every other option is part of the run's fingerprint.
 NOT_FINGERPRINTED = ("out", "resume", "force", "quiet", "log_every", "save_every", "keep", "eval_every",
                      "eval_batch_size")
-
 
 
 def fingerprint(args, inputs: tuple[str, ...] = (), **derived) -> dict:
@@ -81,7 +75,6 @@ def fingerprint(args, inputs: tuple[str, ...] = (), **derived) -> dict:
     ``derived`` (values computed from the inputs, which win over options of the same name)."""
     options = {k: v for k, v in vars(args).items() if k not in NOT_FINGERPRINTED and k not in inputs}
     return json.loads(json.dumps({**options, **derived}))  # as it reads back from JSON
-
 
 
 def check_resume(saved: dict, run: dict) -> None:

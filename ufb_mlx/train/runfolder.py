@@ -27,15 +27,12 @@ from .world import World
 RUN_FILES = (CONFIG_FILE, WEIGHTS_FILE, LOG_FILE, "train_results.json", *TOKENIZER_FILES)
 
 
-
 # What a run's marker (ufb_ref.fsio.MARKER) lists: --force replaces a folder holding only these.
 RUN_ENTRIES = (*RUN_FILES, CHECKPOINTS)
 
 
-
 def _occupied(out: Path) -> bool:
     return (out / CHECKPOINTS).exists() or any((out / f).exists() for f in (*RUN_FILES, fsio.MARKER))
-
 
 
 def check_out_path(out: str | Path, inputs=()) -> None:
@@ -69,7 +66,6 @@ def check_out_path(out: str | Path, inputs=()) -> None:
             raise UFBError(f"--out '{text}' overlaps the input '{src}'; write the output elsewhere")
 
 
-
 def check_out(out: Path, resume: bool, force: bool, inputs=()) -> tuple[int, Path] | None:
     """Check the output folder (read only). Returns the checkpoint to resume from, or None
     for a new run; a new run refuses a folder that holds a run or a model unless ``force``,
@@ -93,12 +89,10 @@ def check_out(out: Path, resume: bool, force: bool, inputs=()) -> tuple[int, Pat
     return None
 
 
-
 def lock_out(out: Path, world: World):
     """The output folder's write lock (ufb_ref.fsio.folder_lock), held by rank 0: a second
     run on the same --out stops with a one-line error instead of mixing its files in."""
     return fsio.folder_lock(out) if world.main else contextlib.nullcontext()
-
 
 
 def physical_memory() -> int | None:
@@ -106,7 +100,6 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
-
 
 
 def check_training_memory(args: ModelArgs) -> None:
@@ -118,7 +111,6 @@ def check_training_memory(args: ModelArgs) -> None:
         raise UFBError(f"the model has {n / 1e9:.3g}G parameters: training needs at least {need / 2**30:.1f} GiB "
                        f"(weights, gradients and optimizer state), more than this machine's {have / 2**30:.1f} GiB; "
                        "make it smaller (fff_depth, hidden_size, num_layers, vocab_size)")
-
 
 
 def memory_limit() -> int | None:
@@ -135,7 +127,6 @@ def memory_limit() -> int | None:
     return have
 
 
-
 def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str,
                        hint: str = "lower --batch-size") -> None:
     """Refuse, before anything is written, a step whose activations alone cannot fit: a
@@ -149,7 +140,6 @@ def check_batch_memory(args: ModelArgs, tokens: int, predicted: int, what: str,
     if have and need > have:
         raise UFBError(f"{what}: one step of {tokens} tokens needs at least {need / 2**30:.1f} GiB of activations, "
                        f"more than the {have / 2**30:.1f} GiB this process may use; {hint}")
-
 
 
 def prepare_out(out: Path, world: World, resume: bool, force: bool, inputs=()) -> tuple[int, Path] | None:
@@ -175,7 +165,6 @@ def prepare_out(out: Path, world: World, resume: bool, force: bool, inputs=()) -
     return None
 
 
-
 def clean_stale_temporaries(out: Path) -> None:
     """What a killed run left half-written: temporary checkpoint folders and files of the
     model folder (ufb_ref.fsio.clean_stale_temporaries, which keeps those of live
@@ -186,7 +175,6 @@ def clean_stale_temporaries(out: Path) -> None:
         fsio.clean_stale_temporaries(root / name)
     for name in RUN_FILES:
         fsio.clean_stale_temporaries(Path(out) / name)
-
 
 
 def resume(out: Path, checkpoint: Path, model, optimizer, run_cfg: dict, world, logger, total: int) -> dict:

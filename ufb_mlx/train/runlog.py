@@ -21,7 +21,6 @@ from .world import World
 LOG_FILE = "log.jsonl"
 
 
-
 class Logger:
     """Rank 0 prints progress to stdout (a bar with rate and time left on a terminal, plain
     lines otherwise; nothing with ``quiet``) and appends one JSON record per event, with
@@ -68,7 +67,6 @@ class Logger:
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
-
 def _logged_step(rec: dict) -> float:
     """A log record's step (0 when it has none); a malformed one (not a whole number, e.g.
     a hand-edited line) counts as after every checkpoint, so truncation drops it."""
@@ -76,10 +74,8 @@ def _logged_step(rec: dict) -> float:
     return step if isinstance(step, int) and not isinstance(step, bool) else math.inf
 
 
-
 def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
-
 
 
 def read_log(out) -> list[dict]:

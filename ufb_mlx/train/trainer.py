@@ -32,7 +32,6 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + int(step) * 1_009 + int(rank)) % (2**63)
 
 
-
 def all_finite(*trees):
     """One boolean array: every leaf of every tree is finite (no NaN, no inf)."""
     ok = mx.array(True)
@@ -40,7 +39,6 @@ def all_finite(*trees):
         for _, v in tree_flatten(tree):
             ok = ok & mx.all(mx.isfinite(v))
     return ok
-
 
 
 class Trainer:
@@ -110,7 +108,6 @@ class Trainer:
         return loss.item()
 
 
-
 class NonFiniteLoss(UFBError):
     """Training stopped: the loss, a gradient or an updated weight is NaN or infinite."""
 
@@ -122,7 +119,6 @@ class NonFiniteLoss(UFBError):
                          "raise --eps, set --grad-clip, or look for extreme labels or inputs")
 
 
-
 def kept_after_stop(out: Path) -> str:
     """What a run stopped by a non-finite step leaves, as the end of its error line."""
     ckpts = list_checkpoints(out)
@@ -131,7 +127,6 @@ def kept_after_stop(out: Path) -> str:
         return (f"; the last checkpoint (step {ckpts[-1][0]})" + (" and the saved model are" if has_model else " is")
                 + " kept")
     return "; the saved model is kept" if has_model else "; no checkpoint or model had been written yet"
-
 
 
 class StopRequest:
@@ -164,7 +159,6 @@ class StopRequest:
         if world.size == 1:
             return self.requested
         return bool(world.sum(np.array([int(self.requested)], dtype=np.int64))[0])
-
 
 
 def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps: int, get_batch,
@@ -219,13 +213,11 @@ def train_loop(trainer: Trainer, logger: Logger, *, start_step: int, total_steps
         prune_checkpoints(out, keep)
 
 
-
 def _saved_at(out: Path, step: int, world: World) -> bool:
     """Whether rank 0 (the one that writes them) has a checkpoint of ``step``; the same
     answer on every process, which need not see rank 0's folder."""
     newest = list_checkpoints(out)[-1][0] if world.main and list_checkpoints(out) else None
     return bool(world.sum(np.array([int(newest == step)], dtype=np.int64))[0])
-
 
 
 def _si(v: float) -> str:
@@ -234,7 +226,6 @@ def _si(v: float) -> str:
         if abs(v) >= scale:
             return f"{v / scale:.3g}{unit}"
     return f"{v:.3g}"
-
 
 
 def resume_hint(out: Path, step: int) -> str:

@@ -10,7 +10,6 @@ import numpy as np
 from ufb_ref.errors import UFBError
 
 
-
 class World:
     """This process's place among the data-parallel processes (size 1 without mlx.launch)."""
 
