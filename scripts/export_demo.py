@@ -5,7 +5,9 @@
         --heldout data/corpus/heldout.txt --command "python -m ufb_mlx.pretrain ..."
 
 Writes ufb_mlx/demo_model/ (float16 safetensors, config, tokenizer, model card README.md,
-DATA_SOURCES.md, heldout_sample.npz) atomically. The held-out numbers in the card are
+DATA_SOURCES.md, heldout_sample.npz, metrics.json) atomically. With --continues the run
+continued the shipped model (`ufb-pretrain --model demo`): the stages recorded in the
+shipped metrics.json stay in the card, and this run is added as the next stage. The held-out numbers in the card are
 measured here on the float16 weights that ship: the full held-out split, masked exactly
 as pretraining masked it (seed, rate, 80/10/10), and a 64-block sample of it that ships
 too, so a test can recompute the sample's figures on a fresh clone.
@@ -89,7 +91,12 @@ def main(argv=None):
     p.add_argument("--twin", type=Path, help="pretraining output folder of the dense-FFN twin")
     p.add_argument("--heldout", type=Path, required=True)
     p.add_argument("--corpus-stats", type=Path, required=True)
-    p.add_argument("--data-sources", type=Path, required=True)
+    p.add_argument("--data-sources", type=Path, nargs="+", required=True,
+                   help="DATA_SOURCES.md of every text the model was trained on (concatenated into the card's)")
+    p.add_argument("--trained-on", nargs="+", required=True, help="the run's --corpus files, as the card names them")
+    p.add_argument("--continues", action="store_true",
+                   help="the run continued the shipped model: keep its stages (metrics.json) and add this one")
+    p.add_argument("--date", required=True, help="the day the run ended (YYYY-MM-DD), for the card")
     p.add_argument("--command", required=True, help="the exact pretraining command, for the card")
     p.add_argument("--twin-command", default="", help="the twin's pretraining command")
     p.add_argument("--wall-clock", default="", help="training wall-clock(s), for the card")
@@ -105,6 +112,12 @@ def main(argv=None):
                    help="fill-mask prompts whose top-3 answers the card shows")
     p.add_argument("--out", type=Path, default=DEMO)
     a = p.parse_args(argv)
+    earlier = []
+    if a.continues:
+        shipped = a.out / "metrics.json"
+        earlier = json.loads(shipped.read_text()).get("stages") if shipped.is_file() else None
+        if not earlier:
+            p.error(f"--continues: {shipped} records no stages")
 
     tmp = Path(tempfile.mkdtemp(prefix=".demo_model.", dir=a.out.parent))
     try:
@@ -121,7 +134,7 @@ def main(argv=None):
         sample = evaluate_mlm(model, inputs[:SAMPLE_BLOCKS], labels[:SAMPLE_BLOCKS], 64)
         np.savez_compressed(tmp / "heldout_sample.npz", input_ids=inputs[:SAMPLE_BLOCKS].astype(np.int16),
                             labels=labels[:SAMPLE_BLOCKS].astype(np.int16))
-        shutil.copyfile(a.data_sources, tmp / "DATA_SOURCES.md")
+        (tmp / "DATA_SOURCES.md").write_text("\n\n".join(f.read_text().rstrip() for f in a.data_sources) + "\n")
         stats = json.loads(a.corpus_stats.read_text())
         fff = run_summary(a.run)
         twin = run_summary(a.twin) if a.twin else None
@@ -130,15 +143,16 @@ def main(argv=None):
                 m, i, l = heldout_set(run, a.heldout, a.seed, a.mask_rate)
                 summary["heldout_float32"] = evaluate_mlm(m, i, l, 64)
         fff["options"] = run_options(a.run)
+        stages = earlier + [stage_record(fff, full, a)]
         showcase = showcase_rows(tmp, a.showcase)
-        card = keep_measured_sections(model_card(cfg, fff, twin, full, sample, stats, a, showcase),
+        card = keep_measured_sections(model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages),
                                       a.out / "README.md")
         if (a.out / "finetune_grid.json").is_file():
             shutil.copyfile(a.out / "finetune_grid.json", tmp / "finetune_grid.json")
         (tmp / "README.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps({"heldout": full, "heldout_sample": sample,
                                                       "sample_blocks": SAMPLE_BLOCKS, "showcase": showcase,
-                                                      "fff_run": fff, "twin_run": twin}, indent=2) + "\n")
+                                                      "fff_run": fff, "twin_run": twin, "stages": stages}, indent=2) + "\n")
         tmp.chmod(0o755)
         if a.out.exists():
             shutil.rmtree(a.out)
@@ -147,6 +161,49 @@ def main(argv=None):
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote {a.out}")
     print(json.dumps({"heldout": full, "heldout_sample": sample}, indent=2))
+
+
+RECIPE_KEYS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "warmup", "dropout", "seed",
+               "mask_rate", "freeze_position_scale")
+
+
+def stage_record(fff: dict, full: dict, a) -> dict:
+    """One training stage as the card and the next --continues export read it."""
+    seq = fff["config"]["max_seq_length"]
+    return {"started_from": "the shipped demo model, fresh optimizer state" if a.continues
+            else "random initialisation",
+            "commands": ([a.tokenizer_command] if a.tokenizer_command else []) + [a.command],
+            "command_note": ("The first command trains the WordPiece tokenizer (a 1-step run whose folder keeps "
+                             "it); the second pretrains on it." if a.tokenizer_command else ""),
+            "trained_on": a.trained_on, "steps": fff["steps"], "batch_size": a.batch_size, "seq_length": seq,
+            "tokens": fff["steps"] * a.batch_size * seq, "blocks": fff["blocks"],
+            "median_tokens_per_s": fff["median_tokens_per_s"], "peak_memory_gb": fff["peak_memory_gb"],
+            "wall_clock": a.wall_clock, "recipe": {k: fff["options"][k] for k in RECIPE_KEYS},
+            "heldout": full, "date": a.date}
+
+
+def stage_lines(n: int, st: dict) -> list[str]:
+    r = st["recipe"]
+    return [
+        f"### Stage {n} ({st['date']}): from {st['started_from']}",
+        "",
+        "```",
+        *st["commands"],
+        "```",
+        "",
+        *([st["command_note"], ""] if st["command_note"] else []),
+        f"- Text: {', '.join(f'`{t}`' for t in st['trained_on'])}, {st['blocks']} training blocks.",
+        f"- {st['steps']} steps of {st['batch_size']} blocks of {st['seq_length']} tokens: {st['tokens']:,} tokens "
+        f"({st['steps'] * st['batch_size'] / st['blocks']:.2f} epochs of the blocks).",
+        f"- Median training throughput {st['median_tokens_per_s']:.0f} tokens/s, peak memory "
+        f"{st['peak_memory_gb']:.2f} GB. Wall-clock: {st['wall_clock'] or 'not recorded'}.",
+        f"- Recipe: AdamW lr {r['lr']:g}, betas {r['betas'][0]:g}/{r['betas'][1]:g}, eps {r['eps']:g}, weight decay "
+        f"{r['weight_decay']:g} (not on biases and norms), mask rate {r['mask_rate']:g} with 80/10/10, gradient "
+        f"clipping {r['grad_clip']:g}, {r['schedule']} schedule peaking at {r['warmup']:g} of the steps, dropout "
+        f"{r['dropout']:g}, seed {r['seed']}"
+        + (", positions' scale frozen (`--freeze-position-scale`)." if r.get("freeze_position_scale") else "."),
+        "",
+    ]
 
 
 def keep_measured_sections(card: str, old_card: Path) -> str:
@@ -160,15 +217,14 @@ def keep_measured_sections(card: str, old_card: Path) -> str:
     return head + section + "\n\n## Licence" + licence
 
 
-def model_card(cfg, fff, twin, full, sample, stats, a, showcase) -> str:
+def model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages) -> str:
     train_stats = stats["total"]["train"]
-    o = fff["options"]
-    tokens = fff["steps"] * a.batch_size * fff["config"]["max_seq_length"]
+    spam = [n for n, st in enumerate(stages, 1) if any("tasks/spam" in t for t in st["trained_on"])]
     lines = [
         "# UltraFastBERT demo model (ufb-demo-4x256-fff1x8)",
         "",
         "A small UltraFastBERT pretrained from scratch by this repository on openly licensed English",
-        "text, on a 2-core CPU, so that `python -m ufb_mlx.generate` works offline on a fresh clone.",
+        f"text, on a 2-core CPU ({len(stages)} stage{'s' if len(stages) > 1 else ''}, below), so that `python -m ufb_mlx.generate` works offline on a fresh clone.",
         "It is small and saw little text: it fills in common words and phrases of its corpus",
         "(the table below shows what it answers), not facts.",
         "",
@@ -186,26 +242,24 @@ def model_card(cfg, fff, twin, full, sample, stats, a, showcase) -> str:
         "Built by `python scripts/build_corpus.py` (see DATA_SOURCES.md for every package, version and",
         "licence; public domain, PDDL, PSF, PostgreSQL, MIT, MPL-2.0, Artistic and the WordNet licence).",
         f"Training split: {train_stats.get('sentences', '?')} sentences, {train_stats.get('words', '?')} words.",
+        *(["",
+           f"Stage {spam[0]} added `data/tasks/spam/pretrain.txt` (`python scripts/build_spam_task.py`): the",
+           "text of the SpamAssassin emails that are in neither the spam task's validation nor its test",
+           "split, without labels (task-adaptive pretraining; DATA_SOURCES.md says which emails and why)."]
+          if spam else []),
         "",
         "## Training",
         "",
-        "```",
-        *([a.tokenizer_command] if a.tokenizer_command else []),
-        a.command,
-        "```",
-        "",
-        *(["The first command trains the WordPiece tokenizer (a 1-step run whose folder keeps it); the",
-           "second pretrains on it.", ""] if a.tokenizer_command else []),
-        f"- {fff['steps']} steps of {a.batch_size} blocks of {fff['config']['max_seq_length']} tokens: "
-        f"{tokens:,} tokens seen ({fff['steps'] * a.batch_size / fff['blocks']:.2f} epochs of the "
-        f"{fff['blocks']} training blocks).",
-        f"- Median training throughput {fff['median_tokens_per_s']:.0f} tokens/s, peak memory "
-        f"{fff['peak_memory_gb']:.2f} GB. Wall-clock: {a.wall_clock or 'see the repository README'}.",
-        f"- Recipe: AdamW lr {o['lr']:g}, betas {o['betas'][0]:g}/{o['betas'][1]:g}, eps {o['eps']:g}, weight decay "
-        f"{o['weight_decay']:g} (not on biases and norms), mask rate {o['mask_rate']:g} with 80/10/10, gradient "
-        f"clipping {o['grad_clip']:g}, {o['schedule']} schedule peaking at {o['warmup']:g} of the steps, dropout "
-        f"{o['dropout']:g}, seed {o['seed']}.",
-        "",
+        *(["Each stage after the first continued from the weights the stage before shipped (`--model demo`),",
+           "with a fresh optimizer state and a short warm-up.", "",
+           "| stage | started from | tokens | median tokens/s | held-out loss / accuracy after (float16) |",
+           "| --- | --- | --- | --- | --- |",
+           *(f"| {n} | {st['started_from']} | {st['tokens']:,} | {st['median_tokens_per_s']:.0f} | "
+             f"{st['heldout']['mlm_loss']:.4f} / {st['heldout']['mlm_accuracy']:.4f} |"
+             for n, st in enumerate(stages, 1)),
+           "",
+           f"In all {sum(st['tokens'] for st in stages):,} tokens seen.", ""] if len(stages) > 1 else []),
+        *[line for n, st in enumerate(stages, 1) for line in stage_lines(n, st)],
         "## Held-out results (the float16 weights that ship)",
         "",
         "| split | masked tokens | MLM loss | masked-token accuracy |",
