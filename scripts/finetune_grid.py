@@ -17,6 +17,11 @@ word TF-IDF + logistic regression, naive Bayes; scikit-learn, ``pip install -e "
 put the numbers in context. Writes OUT/task/*.jsonl, OUT/runs/*, and OUT/grid.json with
 OUT/grid.md (the table of the demo model card). A finished run is not run again (a new
 --model needs a new OUT). --task-only builds OUT/task and stops.
+
+    python scripts/finetune_grid.py --task data/tasks/spam --out runs/ft-grid-spam
+
+runs the same grid on another task folder (train, valid and test.jsonl), such as the spam
+task of scripts/build_spam_task.py.
 """
 
 from __future__ import annotations
@@ -149,8 +154,8 @@ def table(records: list[dict], baselines: dict, sizes: dict) -> str:
     grid = [r for r in records if r["init"] == "pretrained" and not r.get("extra")]
     lrs, eps = sorted({r["lr"] for r in grid}), sorted({r["epochs"] for r in grid})
     by = {(r["lr"], r["epochs"]): r for r in grid}
-    lines = [f"Test accuracy (macro F1) on {sizes['test']} held-out sentences, 5 classes; fine-tuned on "
-             f"{sizes['train']} (best of the epochs on {sizes['valid']} validation sentences). "
+    lines = [f"Test accuracy (macro F1) on {sizes['test']} test examples, {sizes['classes']} classes; fine-tuned on "
+             f"{sizes['train']} (best of the epochs on {sizes['valid']} validation examples). "
              "Rows: --lr; columns: --epochs; every other option at its default.", "",
              "| lr | " + " | ".join(f"{e} epoch{'s' if e > 1 else ''}" for e in eps) + " |",
              "| --- |" + " --- |" * len(eps)]
@@ -174,7 +179,7 @@ def table(records: list[dict], baselines: dict, sizes: dict) -> str:
     acc = best["test"]["accuracy"]
     lines.append(f"- Best grid cell by validation accuracy: lr {best['lr']:g}, {best['epochs']} epochs (validation "
                  f"{best['valid_accuracy']:.3f}, test {acc:.3f}). One seed per run: a test accuracy on "
-                 f"{sizes['test']} sentences has a standard error of about {np.sqrt(acc * (1 - acc) / sizes['test']):.3f}.")
+                 f"{sizes['test']} examples has a standard error of about {np.sqrt(acc * (1 - acc) / sizes['test']):.3f}.")
     cpu = sum(r["cpu_s"] for r in records)
     lines.append(f"- CPU time of the {len(records)} runs: {cpu / 60:.0f} min "
                  f"(a 1-epoch run: {min(r['cpu_s'] / r['epochs'] for r in records):.0f} s of CPU).")
@@ -208,7 +213,10 @@ def update_card(card: Path, grid: dict, table_md: str, command: str) -> None:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--groups", type=Path, required=True, help="folder with one corpus build per group")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--groups", type=Path, help="folder with one corpus build per group (the 5-class task)")
+    src.add_argument("--task", type=Path, help="another task: a folder with train, valid and test.jsonl "
+                                               "(e.g. data/tasks/spam of scripts/build_spam_task.py)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", default="demo", help="the pretrained model to fine-tune (default: the demo model)")
     p.add_argument("--task-only", action="store_true", help="build OUT/task and stop")
@@ -223,11 +231,21 @@ def main(argv=None):
     p.add_argument("--card", type=Path, help="also record the table in this model card (the demo model's README.md)")
     a = p.parse_args(argv)
 
-    task = a.out / "task"
-    sizes = build_task(a.groups, task, *a.per_class, a.seed)
-    print(f"task: {sizes} in {task}", flush=True)
-    if a.task_only:
-        return
+    if a.task:
+        if a.task_only or a.card:
+            p.error("--task-only and --card go with --groups (the 5-class task the card's table measures)")
+        task = a.task
+        missing = [f for f in ("train.jsonl", "valid.jsonl", "test.jsonl") if not (task / f).is_file()]
+        if missing:
+            raise UFBError(f"--task {task}: no {missing[0]}")
+        sizes = {s: len(read_jsonl(task / f"{s}.jsonl")) for s in ("train", "valid", "test")}
+    else:
+        task = a.out / "task"
+        sizes = build_task(a.groups, task, *a.per_class, a.seed)
+        print(f"task: {sizes} in {task}", flush=True)
+        if a.task_only:
+            return
+    sizes["classes"] = len({r["label"] for r in read_jsonl(task / "train.jsonl")})
     baselines = run_baselines(task)  # first: fails early without scikit-learn
     records = []
     for lr in (float(x) for x in a.lrs.split(",")):
@@ -242,7 +260,7 @@ def main(argv=None):
         name = f"{'random-' if init == 'random' else ''}lr{lr:g}-ep{ep}"
         records.append(dict(finetune(task, a.out / "runs" / name, lr, ep, init, a.model, a.max_steps), extra=True))
         print(json.dumps(records[-1]), flush=True)
-    grid = {"task": sizes, "runs": records, "baselines": baselines, "naive_bayes": baselines["naive_bayes"]}
+    grid = {"task": sizes, "task_folder": str(task), "runs": records, "baselines": baselines, "naive_bayes": baselines["naive_bayes"]}
     (a.out / "grid.json").write_text(json.dumps(grid, indent=2) + "\n")
     (a.out / "grid.md").write_text(table(records, baselines, sizes))
     print((a.out / "grid.md").read_text())
