@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -147,8 +148,8 @@ def main(argv=None):
         showcase = showcase_rows(tmp, a.showcase)
         card = keep_measured_sections(model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages),
                                       a.out / "README.md")
-        if (a.out / "finetune_grid.json").is_file():
-            shutil.copyfile(a.out / "finetune_grid.json", tmp / "finetune_grid.json")
+        for grid in a.out.glob("finetune_grid*.json"):
+            shutil.copyfile(grid, tmp / grid.name)
         (tmp / "README.md").write_text(card)
         (tmp / "metrics.json").write_text(json.dumps({"heldout": full, "heldout_sample": sample,
                                                       "sample_blocks": SAMPLE_BLOCKS, "showcase": showcase,
@@ -207,14 +208,16 @@ def stage_lines(n: int, st: dict) -> list[str]:
 
 
 def keep_measured_sections(card: str, old_card: Path) -> str:
-    """The fine-tuning table that scripts/finetune_grid.py wrote into the current card
-    (between its markers) stays in the new one, before the licence."""
-    start, end = "<!-- finetune-grid -->", "<!-- /finetune-grid -->"
-    if not old_card.is_file() or start not in old_card.read_text():
+    """The fine-tuning tables that scripts/finetune_grid.py wrote into the current card
+    (each between its task's markers) stay in the new one, before the licence."""
+    if not old_card.is_file():
         return card
-    section = start + old_card.read_text().split(start, 1)[1].split(end, 1)[0] + end
+    old = old_card.read_text()
+    sections = [m.group(0) for m in re.finditer(r"<!-- (finetune-grid(?::[\w.-]+)?) -->.*?<!-- /\1 -->", old, re.S)]
+    if not sections:
+        return card
     head, licence = card.split("## Licence", 1)
-    return head + section + "\n\n## Licence" + licence
+    return head + "\n\n".join(sections) + "\n\n## Licence" + licence
 
 
 def model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages) -> str:

@@ -186,29 +186,41 @@ def table(records: list[dict], baselines: dict, sizes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-CARD_START, CARD_END = "<!-- finetune-grid -->", "<!-- /finetune-grid -->"
+def card_markers(name: str) -> tuple[str, str, str]:
+    """The card's start and end markers and the JSON file of the grid of task ``name``
+    ("" for the 5-class corpus task, whose grid the card had first)."""
+    tag = f"finetune-grid:{name}" if name else "finetune-grid"
+    return f"<!-- {tag} -->", f"<!-- /{tag} -->", f"finetune_grid{'_' + name if name else ''}.json"
 
 
-def update_card(card: Path, grid: dict, table_md: str, command: str) -> None:
-    """Put the table into the demo model card (between the markers, before the licence),
-    and the measurements beside it (finetune_grid.json)."""
-    section = "\n".join([
-        CARD_START, "## Fine-tuning this model (measured)", "",
-        "A real task built from the corpus: which group of sources a sentence comes from (bible,",
-        "speeches, literature, reference, technical); training sentences from the corpus's training",
-        "split, test sentences from its held-out split. Each group is built by",
-        "`python scripts/build_corpus.py --sources SOURCES --out data/groups/GROUP` (the groups and",
-        "their sources are listed in scripts/finetune_grid.py), then measured by",
-        "", "```", command, "```", "", table_md.rstrip(), CARD_END])
+def describe_task(name: str, command: str) -> list[str]:
+    if not name:
+        return ["## Fine-tuning this model (measured)", "",
+                "A real task built from the corpus: which group of sources a sentence comes from (bible,",
+                "speeches, literature, reference, technical); training sentences from the corpus's training",
+                "split, test sentences from its held-out split. Each group is built by",
+                "`python scripts/build_corpus.py --sources SOURCES --out data/groups/GROUP` (the groups and",
+                "their sources are listed in scripts/finetune_grid.py), then measured by",
+                "", "```", command, "```", ""]
+    return [f"## Fine-tuning this model on the {name} task (measured)", "",
+            f"The task folder `{name}` (for spam: `python scripts/build_spam_task.py --out data/tasks/spam`,",
+            "SpamAssassin emails, spam or ham), measured by", "", "```", command, "```", ""]
+
+
+def update_card(card: Path, grid: dict, table_md: str, command: str, name: str = "") -> None:
+    """Put the table into the demo model card (between the task's markers, before the
+    licence), and the measurements beside it (finetune_grid[_NAME].json)."""
+    start, end, json_name = card_markers(name)
+    section = "\n".join([start, *describe_task(name, command), table_md.rstrip(), end])
     text = card.read_text()
-    if CARD_START in text:
-        head, rest = text.split(CARD_START, 1)
-        text = head + section + rest.split(CARD_END, 1)[1]
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         head, licence = text.split("## Licence", 1)
         text = head + section + "\n\n## Licence" + licence
     card.write_text(text)
-    (card.parent / "finetune_grid.json").write_text(json.dumps(grid, indent=2) + "\n")
+    (card.parent / json_name).write_text(json.dumps(grid, indent=2) + "\n")
 
 
 def main(argv=None):
@@ -228,12 +240,13 @@ def main(argv=None):
     p.add_argument("--random-baseline", default="", help="lr:epochs of an --init random run (e.g. 5e-4:4)")
     p.add_argument("--per-class", type=int, nargs=3, default=(600, 100, 200), metavar=("TRAIN", "VALID", "TEST"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--card", type=Path, help="also record the table in this model card (the demo model's README.md)")
+    p.add_argument("--card", type=Path, help="also record the table in this model card (the demo model's README.md; "
+                                             "one section per task, named by the --task folder)")
     a = p.parse_args(argv)
 
     if a.task:
-        if a.task_only or a.card:
-            p.error("--task-only and --card go with --groups (the 5-class task the card's table measures)")
+        if a.task_only:
+            p.error("--task-only goes with --groups (it builds the 5-class task)")
         task = a.task
         missing = [f for f in ("train.jsonl", "valid.jsonl", "test.jsonl") if not (task / f).is_file()]
         if missing:
@@ -266,7 +279,7 @@ def main(argv=None):
     print((a.out / "grid.md").read_text())
     if a.card:
         update_card(a.card, grid, table(records, baselines, sizes), "python scripts/finetune_grid.py " + " ".join(
-            argv if argv is not None else sys.argv[1:]))
+            argv if argv is not None else sys.argv[1:]), a.task.resolve().name if a.task else "")
 
 
 if __name__ == "__main__":

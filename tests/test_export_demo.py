@@ -47,6 +47,13 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
     assert stage1["started_from"] == "random initialisation" and stage1["tokens"] == 4 * 8 * 32
     assert stage1["heldout"] == first["heldout"] and stage1["commands"] == ["first command"]
 
+    # The fine-tuning grids that scripts/finetune_grid.py put into the card, one per task, stay.
+    sys.path.insert(0, str(REPO / "scripts"))
+    from finetune_grid import update_card
+
+    update_card(out / "README.md", {"runs": ["5-class"]}, "| the 5-class table |", "grid --groups")
+    update_card(out / "README.md", {"runs": ["spam"]}, "| the spam table |", "grid --task", "spam")
+
     # Continuing needs the stages of the shipped model.
     run_module("ufb_mlx.pretrain", "--model", out, "--corpus", corpus, extra, "--out", tmp_path / "r2",
                "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--lr", "5e-4", "--warmup", "0.5")
@@ -72,6 +79,10 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
     for n, st in enumerate(metrics["stages"], 1):
         assert re.search(rf"\| {n} \| {re.escape(st['started_from'])} \| {st['tokens']:,} \| \d+ \| "
                          rf"{st['heldout']['mlm_loss']:.4f} / {st['heldout']['mlm_accuracy']:.4f} \|", card), n
+    for name, table in (("", "| the 5-class table |"), ("_spam", "| the spam table |")):
+        assert table in card.split("## Licence")[0]
+        assert json.loads((out / f"finetune_grid{name}.json").read_text())["runs"] == [name.strip("_") or "5-class"]
+    assert card.index("<!-- /finetune-grid -->") < card.index("<!-- finetune-grid:spam -->")
     assert (out / "DATA_SOURCES.md").read_text() == "# the toy corpus\n\n# the extra text\n"
     model, _ = ufb_mlx.load(out)
     assert model.args.source["dtype"] == "float16"
