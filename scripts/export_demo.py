@@ -9,7 +9,8 @@ DATA_SOURCES.md, heldout_sample.npz, metrics.json) atomically. With --continues 
 continued the shipped model (`ufb-pretrain --model demo`): the stages recorded in the
 shipped metrics.json stay in the card, and this run is added as the next stage. The held-out numbers in the card are
 measured here on the float16 weights that ship: the full held-out split, masked exactly
-as pretraining masked it (seed, rate, 80/10/10), and a 64-block sample of it that ships
+as pretraining masked it (seed, rate, 80/10/10), and a 64-block sample of it (spread evenly
+over the split) that ships
 too, so a test can recompute the sample's figures on a fresh clone.
 """
 
@@ -31,6 +32,7 @@ import ufb_mlx  # noqa: E402  (loads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
 from ufb_mlx.convert import convert  # noqa: E402
+from ufb_ref.fsio import MARKER  # noqa: E402
 from ufb_mlx import data  # noqa: E402
 from ufb_mlx.evaluate import evaluate_mlm  # noqa: E402
 from ufb_mlx.train import read_log  # noqa: E402
@@ -126,23 +128,27 @@ def main(argv=None):
         for f in model_dir.iterdir():
             f.rename(tmp / f.name)
         model_dir.rmdir()
+        # convert's marker lets --force replace a folder it wrote; the package's folder is not one.
+        (tmp / MARKER).unlink(missing_ok=True)
         cfg = json.loads((tmp / "config.json").read_text())
         cfg["source"] = {"trained_by": "ufb_mlx.pretrain (this repository)", "dtype": "float16"}
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
         model, inputs, labels = heldout_set(tmp, a.heldout, a.seed, a.mask_rate)
         full = evaluate_mlm(model, inputs, labels, 64)
-        sample = evaluate_mlm(model, inputs[:SAMPLE_BLOCKS], labels[:SAMPLE_BLOCKS], 64)
-        np.savez_compressed(tmp / "heldout_sample.npz", input_ids=inputs[:SAMPLE_BLOCKS].astype(np.int16),
-                            labels=labels[:SAMPLE_BLOCKS].astype(np.int16))
+        # Spread over the split: its blocks come source by source, and the first 64 are all Bible.
+        pick = np.linspace(0, len(inputs) - 1, SAMPLE_BLOCKS).round().astype(np.int64)
+        sample = evaluate_mlm(model, inputs[pick], labels[pick], 64)
+        np.savez_compressed(tmp / "heldout_sample.npz", input_ids=inputs[pick].astype(np.int16),
+                            labels=labels[pick].astype(np.int16), blocks=pick)
         (tmp / "DATA_SOURCES.md").write_text("\n\n".join(f.read_text().rstrip() for f in a.data_sources) + "\n")
         stats = json.loads(a.corpus_stats.read_text())
         fff = run_summary(a.run)
         twin = run_summary(a.twin) if a.twin else None
-        if twin:  # both in float32, from their run folders, on the same masked held-out set
-            for summary, run in ((fff, a.run), (twin, a.twin)):
-                m, i, l = heldout_set(run, a.heldout, a.seed, a.mask_rate)
-                summary["heldout_float32"] = evaluate_mlm(m, i, l, 64)
+        # float32 from the run folder, on the same masked held-out set: what float16 cost.
+        for summary, run in ((fff, a.run), (twin, a.twin)) if twin else ((fff, a.run),):
+            m, i, l = heldout_set(run, a.heldout, a.seed, a.mask_rate)
+            summary["heldout_float32"] = evaluate_mlm(m, i, l, 64)
         fff["options"] = run_options(a.run)
         stages = earlier + [stage_record(fff, full, a)]
         showcase = showcase_rows(tmp, a.showcase)
@@ -263,15 +269,19 @@ def model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages) -> str:
            "",
            f"In all {sum(st['tokens'] for st in stages):,} tokens seen.", ""] if len(stages) > 1 else []),
         *[line for n, st in enumerate(stages, 1) for line in stage_lines(n, st)],
-        "## Held-out results (the float16 weights that ship)",
+        "## Held-out results (the float16 weights that ship, and the float32 ones they came from)",
         "",
         "| split | masked tokens | MLM loss | masked-token accuracy |",
         "| --- | --- | --- | --- |",
         f"| full held-out split | {full['masked_tokens']} | {full['mlm_loss']:.4f} | {full['mlm_accuracy']:.4f} |",
-        f"| heldout_sample.npz (first {SAMPLE_BLOCKS} blocks, shipped) | {sample['masked_tokens']} | "
+        f"| full held-out split, float32 (the run's weights before the float16 export) | "
+        f"{fff['heldout_float32']['masked_tokens']} | {fff['heldout_float32']['mlm_loss']:.4f} | "
+        f"{fff['heldout_float32']['mlm_accuracy']:.4f} |",
+        f"| heldout_sample.npz ({SAMPLE_BLOCKS} blocks spread evenly over the split, shipped) | {sample['masked_tokens']} | "
         f"{sample['mlm_loss']:.4f} | {sample['mlm_accuracy']:.4f} |",
         "",
-        f"During training (float32) the last evaluation gave loss {fff['final_eval']['mlm_loss']:.4f}, "
+        f"During training (float32; the held-out split masked with the run's seed, {fff['options']['seed']}, so "
+        f"other positions) the last evaluation gave loss {fff['final_eval']['mlm_loss']:.4f}, "
         f"accuracy {fff['final_eval']['mlm_accuracy']:.4f}.",
         "",
         f"## Fill-mask showcase (`python -m ufb_mlx.generate --prompts-file {shown_path(a.showcase)} --top-k 3`)",

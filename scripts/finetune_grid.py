@@ -194,6 +194,7 @@ def card_markers(name: str) -> tuple[str, str, str]:
 
 
 def describe_task(name: str, command: str) -> list[str]:
+    """The opening of a task's card section: what the task is and the command that measured it."""
     if not name:
         return ["## Fine-tuning this model (measured)", "",
                 "A real task built from the corpus: which group of sources a sentence comes from (bible,",
@@ -203,8 +204,8 @@ def describe_task(name: str, command: str) -> list[str]:
                 "their sources are listed in scripts/finetune_grid.py), then measured by",
                 "", "```", command, "```", ""]
     return [f"## Fine-tuning this model on the {name} task (measured)", "",
-            f"The task folder `{name}` (for spam: `python scripts/build_spam_task.py --out data/tasks/spam`,",
-            "SpamAssassin emails, spam or ham), measured by", "", "```", command, "```", ""]
+            f"The task in the folder `{name}` (the spam task: SpamAssassin emails, spam or ham, built by",
+            "`python scripts/build_spam_task.py --out data/tasks/spam`), measured by", "", "```", command, "```", ""]
 
 
 def update_card(card: Path, grid: dict, table_md: str, command: str, name: str = "") -> None:

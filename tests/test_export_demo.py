@@ -70,6 +70,8 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
     assert metrics["stages"][0] == stage1
     stage2 = metrics["stages"][1]
     assert stage2["started_from"].startswith("the shipped demo model") and stage2["tokens"] == 2 * 8 * 32
+    assert "full held-out split, float32" in (out / "README.md").read_text()
+    assert metrics["fff_run"]["heldout_float32"]["masked_tokens"] == metrics["heldout"]["masked_tokens"]
     assert stage2["recipe"]["lr"] == 5e-4 and stage2["heldout"] == metrics["heldout"]
     card = (out / "README.md").read_text()
     assert "### Stage 1 (2026-12-01): from random initialisation" in card and "first command" in card
@@ -84,5 +86,6 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
         assert json.loads((out / f"finetune_grid{name}.json").read_text())["runs"] == [name.strip("_") or "5-class"]
     assert card.index("<!-- /finetune-grid -->") < card.index("<!-- finetune-grid:spam -->")
     assert (out / "DATA_SOURCES.md").read_text() == "# the toy corpus\n\n# the extra text\n"
+    assert not (out / ".ultrafastbert.json").exists()  # convert's marker: the package's folder is not its output
     model, _ = ufb_mlx.load(out)
     assert model.args.source["dtype"] == "float16"
