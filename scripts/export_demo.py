@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from ufb_ref.fsio import MARKER  # noqa: E402
 from ufb_mlx import data  # noqa: E402
 from ufb_mlx.evaluate import evaluate_mlm  # noqa: E402
 from ufb_mlx.train import read_log  # noqa: E402
+from finetune_grid import card_sections  # noqa: E402  (beside this script)
 
 DEMO = Path(ufb_mlx.__file__).resolve().parent / "demo_model"
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +97,8 @@ def main(argv=None):
     p.add_argument("--data-sources", type=Path, nargs="+", required=True,
                    help="DATA_SOURCES.md of every text the model was trained on (concatenated into the card's)")
     p.add_argument("--trained-on", nargs="+", required=True, help="the run's --corpus files, as the card names them")
+    p.add_argument("--data-note", default="", help="what the card's Data section says about this stage's text "
+                                                    "beyond the corpus (kept in the stage record)")
     p.add_argument("--continues", action="store_true",
                    help="the run continued the shipped model: keep its stages (metrics.json) and add this one")
     p.add_argument("--date", required=True, help="the day the run ended (YYYY-MM-DD), for the card")
@@ -186,7 +188,7 @@ def stage_record(fff: dict, full: dict, a) -> dict:
             "tokens": fff["steps"] * a.batch_size * seq, "blocks": fff["blocks"],
             "median_tokens_per_s": fff["median_tokens_per_s"], "peak_memory_gb": fff["peak_memory_gb"],
             "wall_clock": a.wall_clock, "recipe": {k: fff["options"][k] for k in RECIPE_KEYS},
-            "heldout": full, "date": a.date}
+            "heldout": full, "date": a.date, "data_note": a.data_note}
 
 
 def stage_lines(n: int, st: dict) -> list[str]:
@@ -219,7 +221,7 @@ def keep_measured_sections(card: str, old_card: Path) -> str:
     if not old_card.is_file():
         return card
     old = old_card.read_text()
-    sections = [m.group(0) for m in re.finditer(r"<!-- (finetune-grid(?::[\w.-]+)?) -->.*?<!-- /\1 -->", old, re.S)]
+    sections = list(card_sections(old).values())
     if not sections:
         return card
     head, licence = card.split("## Licence", 1)
@@ -228,7 +230,6 @@ def keep_measured_sections(card: str, old_card: Path) -> str:
 
 def model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages) -> str:
     train_stats = stats["total"]["train"]
-    spam = [n for n, st in enumerate(stages, 1) if any("tasks/spam" in t for t in st["trained_on"])]
     lines = [
         "# UltraFastBERT demo model (ufb-demo-4x256-fff1x8)",
         "",
@@ -251,11 +252,7 @@ def model_card(cfg, fff, twin, full, sample, stats, a, showcase, stages) -> str:
         "Built by `python scripts/build_corpus.py` (see DATA_SOURCES.md for every package, version and",
         "licence; public domain, PDDL, PSF, PostgreSQL, MIT, MPL-2.0, Artistic and the WordNet licence).",
         f"Training split: {train_stats.get('sentences', '?')} sentences, {train_stats.get('words', '?')} words.",
-        *(["",
-           f"Stage {spam[0]} added `data/tasks/spam/pretrain.txt` (`python scripts/build_spam_task.py`): the",
-           "text of the SpamAssassin emails that are in neither the spam task's validation nor its test",
-           "split, without labels (task-adaptive pretraining; DATA_SOURCES.md says which emails and why)."]
-          if spam else []),
+        *[line for n, st in enumerate(stages, 1) if st.get("data_note") for line in ("", f"Stage {n}: {st['data_note']}")],
         "",
         "## Training",
         "",

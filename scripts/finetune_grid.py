@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import resource
 import subprocess
 import sys
@@ -186,11 +187,27 @@ def table(records: list[dict], baselines: dict, sizes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKER_TAG = "finetune-grid"
+
+
 def card_markers(name: str) -> tuple[str, str, str]:
     """The card's start and end markers and the JSON file of the grid of task ``name``
     ("" for the 5-class corpus task, whose grid the card had first)."""
-    tag = f"finetune-grid:{name}" if name else "finetune-grid"
+    tag = f"{MARKER_TAG}:{name}" if name else MARKER_TAG
     return f"<!-- {tag} -->", f"<!-- /{tag} -->", f"finetune_grid{'_' + name if name else ''}.json"
+
+
+def card_sections(text: str) -> dict[str, str]:
+    """Every task's section of a card, markers included, by task name (``card_markers``)."""
+    sections = {}
+    for m in re.finditer(rf"<!-- {MARKER_TAG}(?::([\w.-]+))? -->", text):
+        name = m.group(1) or ""
+        end = card_markers(name)[1]
+        stop = text.find(end, m.end())
+        if stop < 0:
+            raise ValueError(f"the card's {name or '5-class'} fine-tuning section has no end marker {end}")
+        sections[name] = text[m.start():stop + len(end)]
+    return sections
 
 
 def describe_task(name: str, command: str) -> list[str]:

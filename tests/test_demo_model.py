@@ -107,14 +107,15 @@ def test_model_card_records_the_finetuning_grids():
     best validation accuracy averaged over the tasks (cells measured on every task)."""
     from ufb_mlx.finetune import RECIPES
 
-    card = (DEMO / "README.md").read_text()
-    grids = sorted(DEMO.glob("finetune_grid*.json"))
-    assert DEMO / "finetune_grid.json" in grids
+    sys.path.insert(0, str(REPO / "scripts"))
+    from finetune_grid import card_markers, card_sections
+
+    sections = card_sections((DEMO / "README.md").read_text())
+    assert "" in sections
+    assert {card_markers(name)[2] for name in sections} == {p.name for p in DEMO.glob("finetune_grid*.json")}
     mean_valid = {}
-    for path in grids:
-        grid = json.loads(path.read_text())
-        tag = "finetune-grid" + (":" + path.stem.split("_", 2)[2] if path.stem.count("_") == 2 else "")
-        section = card.split(f"<!-- {tag} -->")[1].split(f"<!-- /{tag} -->")[0]
+    for name, section in sections.items():
+        grid = json.loads((DEMO / card_markers(name)[2]).read_text())
         cells = [r for r in grid["runs"] if r["init"] == "pretrained" and not r.get("extra")]
         assert len(cells) >= 4 and len({r["lr"] for r in cells}) >= 2 and len({r["epochs"] for r in cells}) >= 2
         for r in grid["runs"]:
@@ -127,6 +128,6 @@ def test_model_card_records_the_finetuning_grids():
         assert f"{grid['naive_bayes']['accuracy']:.3f}" in section
         for r in cells:
             mean_valid.setdefault((r["lr"], r["epochs"]), []).append(r["valid_accuracy"])
-    on_all = {k: sum(v) / len(v) for k, v in mean_valid.items() if len(v) == len(grids)}
+    on_all = {k: sum(v) / len(v) for k, v in mean_valid.items() if len(v) == len(sections)}
     best = max(on_all, key=on_all.get)
     assert best == (RECIPES["small"]["lr"], RECIPES["small"]["epochs"]), on_all

@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 import ufb_mlx
 
 from conftest import REPO
@@ -49,16 +51,19 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
 
     # The fine-tuning grids that scripts/finetune_grid.py put into the card, one per task, stay.
     sys.path.insert(0, str(REPO / "scripts"))
-    from finetune_grid import update_card
+    from finetune_grid import card_markers, card_sections, update_card
 
     update_card(out / "README.md", {"runs": ["5-class"]}, "| the 5-class table |", "grid --groups")
     update_card(out / "README.md", {"runs": ["spam"]}, "| the spam table |", "grid --task", "spam")
+    assert set(card_sections((out / "README.md").read_text())) == {"", "spam"}
+    with pytest.raises(ValueError, match="spam fine-tuning section has no end marker"):
+        card_sections(card_markers("spam")[0] + "| a table |")
 
     # Continuing needs the stages of the shipped model.
     run_module("ufb_mlx.pretrain", "--model", out, "--corpus", corpus, extra, "--out", tmp_path / "r2",
                "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--lr", "5e-4", "--warmup", "0.5")
     args = ("--data-sources", tmp_path / "corpus.md", tmp_path / "extra.md", "--trained-on", "train.txt",
-            "tasks/spam/pretrain.txt", "--date", "2026-12-02", "--command", "second command", "--continues")
+            "tasks/spam/pretrain.txt", "--data-note", "added the emails.", "--date", "2026-12-02", "--command", "second command", "--continues")
     bare = tmp_path / "bare"
     bare.mkdir()
     proc = export(tmp_path, tmp_path / "r2", bare, *args)
@@ -76,7 +81,7 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
     card = (out / "README.md").read_text()
     assert "### Stage 1 (2026-12-01): from random initialisation" in card and "first command" in card
     assert "### Stage 2 (2026-12-02): from the shipped demo model" in card and "second command" in card
-    assert "Stage 2 added `data/tasks/spam/pretrain.txt`" in card
+    assert "Stage 2: added the emails." in card and stage2["data_note"] == "added the emails." and not stage1["data_note"]
     assert f"In all {(4 + 2) * 8 * 32:,} tokens seen." in card
     for n, st in enumerate(metrics["stages"], 1):
         assert re.search(rf"\| {n} \| {re.escape(st['started_from'])} \| {st['tokens']:,} \| \d+ \| "
