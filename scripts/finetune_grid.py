@@ -164,14 +164,14 @@ def table(records: list[dict], baselines: dict, sizes: dict) -> str:
         cells = []
         for e in eps:
             r = by.get((lr, e))
-            cells.append(f"{r['test']['accuracy']:.3f} ({r['test']['f1']:.3f})" if r else "-")
+            cells.append(f"{r['test']['accuracy']:.3f} ({r['test']['macro_f1']:.3f})" if r else "-")
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     lines += [""]
     for r in records:
         if r.get("extra") or r["init"] == "random":
             what = "`--init random` (same architecture, fresh weights)" if r["init"] == "random" else "pretrained"
             lines.append(f"- {what}, lr {r['lr']:g}, {r['epochs']} epochs: "
-                         f"{r['test']['accuracy']:.3f} ({r['test']['f1']:.3f}).")
+                         f"{r['test']['accuracy']:.3f} ({r['test']['macro_f1']:.3f}).")
     for name, what in BASELINE_ROWS.items():
         b = baselines[name]
         hp = "C" if "C" in b else "alpha"
