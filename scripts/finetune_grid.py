@@ -151,6 +151,11 @@ BASELINE_ROWS = {"char_tfidf_lr": "Character n-gram TF-IDF (2-5) + logistic regr
                  "naive_bayes": "Bag-of-words naive Bayes (unigrams and bigrams)"}
 
 
+def score(m: dict) -> str:
+    """A table's cell: "accuracy (macro F1)", the header's order, for the runs and the baselines alike."""
+    return f"{m['accuracy']:.3f} ({m['macro_f1']:.3f})"
+
+
 def table(records: list[dict], baselines: dict, sizes: dict) -> str:
     grid = [r for r in records if r["init"] == "pretrained" and not r.get("extra")]
     lrs, eps = sorted({r["lr"] for r in grid}), sorted({r["epochs"] for r in grid})
@@ -164,18 +169,17 @@ def table(records: list[dict], baselines: dict, sizes: dict) -> str:
         cells = []
         for e in eps:
             r = by.get((lr, e))
-            cells.append(f"{r['test']['accuracy']:.3f} ({r['test']['macro_f1']:.3f})" if r else "-")
+            cells.append(score(r["test"]) if r else "-")
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
     lines += [""]
     for r in records:
         if r.get("extra") or r["init"] == "random":
             what = "`--init random` (same architecture, fresh weights)" if r["init"] == "random" else "pretrained"
-            lines.append(f"- {what}, lr {r['lr']:g}, {r['epochs']} epochs: "
-                         f"{r['test']['accuracy']:.3f} ({r['test']['macro_f1']:.3f}).")
+            lines.append(f"- {what}, lr {r['lr']:g}, {r['epochs']} epochs: {score(r['test'])}.")
     for name, what in BASELINE_ROWS.items():
         b = baselines[name]
         hp = "C" if "C" in b else "alpha"
-        lines.append(f"- {what}, {hp} {b[hp]:g} chosen on validation: {b['accuracy']:.3f} ({b['macro_f1']:.3f}).")
+        lines.append(f"- {what}, {hp} {b[hp]:g} chosen on validation: {score(b)}.")
     best = max(grid, key=lambda r: r["valid_accuracy"])
     acc = best["test"]["accuracy"]
     lines.append(f"- Best grid cell by validation accuracy: lr {best['lr']:g}, {best['epochs']} epochs (validation "
