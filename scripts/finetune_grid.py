@@ -82,7 +82,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_scores(model_dir: Path, test: list[dict]) -> dict:
     import ufb_mlx
-    from ufb_mlx import data, metrics
+    from ufb_mlx import data
     from ufb_mlx.evaluate import label_names, predict
 
     model, tok = ufb_mlx.load(model_dir)
@@ -110,7 +110,7 @@ def model_digest(model: str) -> str:
 
 
 def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: str, model: str = "demo",
-             max_steps: int | None = None) -> dict:
+             max_steps: int | None = None, seed: int = 0) -> dict:
     """One run (skipped when its result exists); returns its result record. ``lr`` or
     ``epochs`` None: ufb-finetune's default (its --recipe auto), recorded as it resolved it."""
     # The runs start in the repository root: every path is made absolute first.
@@ -123,12 +123,15 @@ def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: 
         rec = json.loads(result.read_text())
         if rec.get("model_sha256", weights) != weights:
             raise UFBError(f"{out} was fine-tuned from other weights than --model {model}'s: give a new --out")
+        if rec.get("seed", 0) != seed:
+            raise UFBError(f"{out} was fine-tuned with --seed {rec.get('seed', 0)}, not {seed}: give a new --out")
         return rec
     cmd = [sys.executable, "-m", "ufb_mlx.finetune", "--model", model, "--train", task / "train.jsonl",
            "--valid", task / "valid.jsonl", "--out", out, "--init", init, "--force", "--quiet"]
     cmd += ["--lr", repr(lr)] if lr is not None else []
     cmd += ["--epochs", str(epochs)] if epochs is not None else []
     cmd += ["--max-steps", str(max_steps)] if max_steps else []
+    cmd += ["--seed", str(seed)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     rc = subprocess.run([str(c) for c in cmd], cwd=ROOT).returncode
@@ -138,7 +141,8 @@ def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: 
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     best = json.loads((out / "train_results.json").read_text())
     start = next(r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r.get("event") == "start")
-    rec = {"lr": start["lr"], "epochs": start["epochs"], "init": init, "model": model, "model_sha256": weights,
+    rec = {"lr": start["lr"], "epochs": start["epochs"], "seed": start["seed"], "init": init, "model": model,
+           "model_sha256": weights,
            "steps": start["total_steps"], "valid_accuracy": best["value"], "best_epoch": best["epoch"],
            "test": test_scores(out, read_jsonl(task / "test.jsonl")), "wall_s": wall,
            "cpu_s": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}

@@ -1,10 +1,12 @@
 """The parts of scripts/baselines.py that need no scikit-learn (it is a dev extra, not a
 test dependency): the scores every row of the fine-tuning tables uses, reading a task,
-and the one-line error without scikit-learn. The baselines themselves are measured, not
+and the one-line error without scikit-learn; and the seeds of scripts/finetune_compare.py
+(its table, and the --seed its runs get). The baselines themselves are measured, not
 tested: see docs/demo_model.md."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -39,3 +41,46 @@ def test_without_scikit_learn_one_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError
     assert baselines.main([str(tmp_path)]) == 2
     assert capsys.readouterr().err == 'error: the baselines need scikit-learn: pip install -e ".[dev]"\n'
+
+
+def test_compare_table_gives_each_seed_and_their_mean_and_spread():
+    import finetune_compare
+
+    def run(acc, f1, seed):
+        return {"lr": 5e-4, "epochs": 3, "steps": 9, "best_epoch": 3, "cpu_s": 60.0, "seed": seed,
+                "test": {"accuracy": acc, "macro_f1": f1, "truncated": 0}}
+
+    runs = {"pretrained": run(0.97, 0.96, 0), "pretrained-seed1": run(0.98, 0.95, 1),
+            "pretrained-seed2": run(0.96, 0.91, 2), "random": run(0.5, 0.4, 0)}
+    md = finetune_compare.table(Path("t"), {"train": 9, "valid": 3, "test": 1000, "labels": 2}, runs, {})
+    rows = [line for line in md.splitlines() if line.startswith("| fine-tuned") or line.startswith("| `--init")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| fine-tuned, defaults, --seed 0", "| fine-tuned, defaults, --seed 1", "| fine-tuned, defaults, --seed 2",
+        "| fine-tuned, defaults: mean of the 3 seeds (sample standard deviation)", "| `--init random`, defaults"]
+    # mean 0.97, sample standard deviation 0.01; macro F1 mean 0.94, sd sqrt((4 + 1 + 9) / 2) / 100
+    assert "| 0.970 (0.010) | 0.940 (0.026) |" in rows[3]
+    # one seed: no mean row, no seed in the label (the table as it was before --seeds)
+    one = finetune_compare.table(Path("t"), {"train": 9, "valid": 3, "test": 1000, "labels": 2},
+                                 {"pretrained": runs["pretrained"]}, {})
+    assert "| fine-tuned, defaults | 0.970 | 0.960 |" in one and "mean of" not in one
+
+
+def test_grid_run_passes_its_seed_and_refuses_another_seeds_folder(tmp_path):
+    """finetune_grid.finetune (used by finetune_compare --seeds) runs ufb_mlx.finetune with
+    --seed and records it; a finished folder is reused only for the same seed."""
+    import finetune_grid
+    from conftest import MLM
+    from train_utils import keyword_task, write_jsonl
+
+    task = tmp_path / "task"
+    task.mkdir()
+    for split, n, seed in (("train", 32, 0), ("valid", 16, 1), ("test", 16, 2)):
+        write_jsonl(task / f"{split}.jsonl", keyword_task(n, seed))
+    out = tmp_path / "run"
+    rec = finetune_grid.finetune(task, out, 1e-3, 1, "pretrained", str(MLM), max_steps=2, seed=3)
+    start = next(r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["event"] == "start")
+    assert rec["seed"] == start["seed"] == 3 and rec["steps"] == 2
+    assert 0 <= rec["test"]["accuracy"] <= 1
+    assert finetune_grid.finetune(task, out, 1e-3, 1, "pretrained", str(MLM), max_steps=2, seed=3) == rec
+    with pytest.raises(UFBError, match="fine-tuned with --seed 3, not 0: give a new --out"):
+        finetune_grid.finetune(task, out, 1e-3, 1, "pretrained", str(MLM), max_steps=2, seed=0)
