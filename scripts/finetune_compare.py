@@ -41,20 +41,24 @@ def table(task: Path, sizes: dict, runs: dict, baselines: dict) -> str:
              f"{sizes['labels']} classes. Test accuracy and macro F1; the fine-tuned rows keep the epoch of best "
              "validation accuracy.", "",
              "| model | test accuracy | test macro F1 | settings | CPU time |", "| --- | --- | --- | --- | --- |"]
-    seeded = [name for name in runs if name != "random"]
-    for name in seeded + ["random"] * ("random" in runs):
-        r = runs[name]
-        what = "`--init random`, defaults" if name == "random" else "fine-tuned, defaults"
-        what += f", --seed {r.get('seed', 0)}" if len(seeded) > 1 and name != "random" else ""
-        lines.append(f"| {what} | {r['test']['accuracy']:.3f} | {r['test']['macro_f1']:.3f} | lr {r['lr']:g}, "
-                     f"{r['epochs']} epochs ({r['steps']} steps), best epoch {r['best_epoch']} | "
-                     f"{r['cpu_s'] / 60:.1f} min |")
-        if name == seeded[-1] and len(seeded) > 1:
-            acc = [runs[s]["test"]["accuracy"] for s in seeded]
-            f1 = [runs[s]["test"]["macro_f1"] for s in seeded]
-            lines.append(f"| fine-tuned, defaults: mean of the {len(seeded)} seeds (sample standard deviation) | "
-                         f"{statistics.mean(acc):.3f} ({statistics.stdev(acc):.3f}) | "
-                         f"{statistics.mean(f1):.3f} ({statistics.stdev(f1):.3f}) | | |")
+
+    def row(what: str, r: dict) -> str:
+        return (f"| {what} | {r['test']['accuracy']:.3f} | {r['test']['macro_f1']:.3f} | lr {r['lr']:g}, "
+                f"{r['epochs']} epochs ({r['steps']} steps), best epoch {r['best_epoch']} | {r['cpu_s'] / 60:.1f} min |")
+
+    seeded = [r for name, r in runs.items() if name != "random"]
+    if len(seeded) == 1:
+        lines.append(row("fine-tuned, defaults", seeded[0]))
+    else:
+        # a record from before --seeds has no "seed": it was run with seed 0
+        lines += [row(f"fine-tuned, defaults, --seed {r.get('seed', 0)}", r) for r in seeded]
+        acc = [r["test"]["accuracy"] for r in seeded]
+        f1 = [r["test"]["macro_f1"] for r in seeded]
+        lines.append(f"| fine-tuned, defaults: mean of the {len(seeded)} seeds (sample standard deviation) | "
+                     f"{statistics.mean(acc):.3f} ({statistics.stdev(acc):.3f}) | "
+                     f"{statistics.mean(f1):.3f} ({statistics.stdev(f1):.3f}) | | |")
+    if "random" in runs:
+        lines.append(row("`--init random`, defaults", runs["random"]))
     for name, b in baselines.items():
         hp = "C" if "C" in b else "alpha"
         lines.append(f"| {NAMES[name]} | {b['accuracy']:.3f} | {b['macro_f1']:.3f} | {hp} {b[hp]:g} "

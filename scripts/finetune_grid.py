@@ -123,8 +123,9 @@ def finetune(task: Path, out: Path, lr: float | None, epochs: int | None, init: 
         rec = json.loads(result.read_text())
         if rec.get("model_sha256", weights) != weights:
             raise UFBError(f"{out} was fine-tuned from other weights than --model {model}'s: give a new --out")
-        if rec.get("seed", 0) != seed:
-            raise UFBError(f"{out} was fine-tuned with --seed {rec.get('seed', 0)}, not {seed}: give a new --out")
+        done = rec.get("seed", 0)  # a record from before the seed was recorded: run with seed 0
+        if done != seed:
+            raise UFBError(f"{out} was fine-tuned with --seed {done}, not {seed}: give a new --out")
         return rec
     cmd = [sys.executable, "-m", "ufb_mlx.finetune", "--model", model, "--train", task / "train.jsonl",
            "--valid", task / "valid.jsonl", "--out", out, "--init", init, "--force", "--quiet"]
