@@ -110,6 +110,8 @@ def main(argv=None):
     p.add_argument("--mask-rate", type=float, default=0.25)
     p.add_argument("--tokenizer-command", default="",
                    help="the command that trained the tokenizer, when the run was given one (--tokenizer)")
+    p.add_argument("--extend-command", default="",
+                   help="the ufb_mlx.extend_vocab command whose folder the run continued (--continues)")
     p.add_argument("--history", type=Path,
                    help="a Markdown file of earlier measurements to keep in the card (e.g. an earlier "
                         "model's FFF-versus-dense-twin comparison, labelled with its budget)")
@@ -118,11 +120,15 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=DEMO)
     a = p.parse_args(argv)
     earlier = []
+    a.previous_vocab_size = None
+    if a.extend_command and not a.continues:
+        p.error("--extend-command: an extended vocabulary continues the shipped model; give --continues")
     if a.continues:
         shipped = a.out / "metrics.json"
         earlier = json.loads(shipped.read_text()).get("stages") if shipped.is_file() else None
         if not earlier:
             p.error(f"--continues: {shipped} records no stages")
+        a.previous_vocab_size = json.loads((a.out / "config.json").read_text())["vocab_size"]
 
     tmp = Path(tempfile.mkdtemp(prefix=".demo_model.", dir=a.out.parent))
     try:
@@ -179,11 +185,16 @@ RECIPE_KEYS = ("lr", "betas", "eps", "weight_decay", "grad_clip", "schedule", "w
 def stage_record(fff: dict, full: dict, a) -> dict:
     """One training stage as the card and the next --continues export read it."""
     seq = fff["config"]["max_seq_length"]
-    return {"started_from": "the shipped demo model, fresh optimizer state" if a.continues
-            else "random initialisation",
-            "commands": ([a.tokenizer_command] if a.tokenizer_command else []) + [a.command],
-            "command_note": ("The first command trains the WordPiece tokenizer (a 1-step run whose folder keeps "
-                             "it); the second pretrains on it." if a.tokenizer_command else ""),
+    added = fff["config"]["vocab_size"] - (a.previous_vocab_size or fff["config"]["vocab_size"])
+    started = ("random initialisation" if not a.continues else
+               f"the shipped demo model with {added} word pieces added, fresh optimizer state" if a.extend_command
+               else "the shipped demo model, fresh optimizer state")
+    first = a.tokenizer_command or a.extend_command
+    note = ("The first command trains the WordPiece tokenizer (a 1-step run whose folder keeps it); the second "
+            "pretrains on it." if a.tokenizer_command else
+            "The first command adds word pieces of the new text to the shipped model's vocabulary "
+            "(`ufb_mlx.extend_vocab`); the second pretrains from that folder." if a.extend_command else "")
+    return {"started_from": started, "commands": ([first] if first else []) + [a.command], "command_note": note,
             "trained_on": a.trained_on, "steps": fff["steps"], "batch_size": a.batch_size, "seq_length": seq,
             "tokens": fff["steps"] * a.batch_size * seq, "blocks": fff["blocks"],
             "median_tokens_per_s": fff["median_tokens_per_s"], "peak_memory_gb": fff["peak_memory_gb"],

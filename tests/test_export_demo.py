@@ -94,3 +94,24 @@ def test_export_then_continue_and_export_again_keeps_both_stages(tmp_path):
     assert not (out / ".ultrafastbert.json").exists()  # convert's marker: the package's folder is not its output
     model, _ = ufb_mlx.load(out)
     assert model.args.source["dtype"] == "float16"
+
+    # A stage that starts from the shipped model with pieces added (ufb_mlx.extend_vocab).
+    emails = tmp_path / "emails.txt"
+    emails.write_text("write to anna@example.com <bob> = [carl] #1 ~ dora_x | *\n" * 50)
+    run_module("ufb_mlx.extend_vocab", "--model", out, "--corpus", emails, "--add", "8", "--out", tmp_path / "x3")
+    run_module("ufb_mlx.pretrain", "--model", tmp_path / "x3", "--corpus", corpus, emails, "--out", tmp_path / "r3",
+               "--steps", "2", "--batch-size", "8", "--eval-every", "2", "--lr", "5e-4", "--warmup", "0.5")
+    args3 = ("--data-sources", tmp_path / "corpus.md", "--trained-on", "train.txt", "emails.txt", "--date",
+             "2026-12-03", "--command", "third command", "--extend-command", "extend command")
+    proc = export(tmp_path, tmp_path / "r3", tmp_path / "unused", *args3)
+    assert proc.returncode == 2 and "give --continues" in proc.stderr.splitlines()[-1], proc.stderr
+    proc = export(tmp_path, tmp_path / "r3", out, *args3, "--continues")
+    assert proc.returncode == 0, proc.stderr
+    stages = json.loads((out / "metrics.json").read_text())["stages"]
+    assert stages[:2] == metrics["stages"]
+    assert stages[2]["started_from"] == "the shipped demo model with 8 word pieces added, fresh optimizer state"
+    assert stages[2]["commands"] == ["extend command", "third command"]
+    card = (out / "README.md").read_text()
+    assert "### Stage 3 (2026-12-03): from the shipped demo model with 8 word pieces added" in card
+    assert "(`ufb_mlx.extend_vocab`)" in card
+    assert ufb_mlx.load(out)[0].args.vocab_size == model.args.vocab_size + 8
