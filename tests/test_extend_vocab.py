@@ -1,4 +1,4 @@
-"""`python -m ufb_mlx.extend_vocab`: the demo model given the pieces of email-like text.
+"""`python -m ufb_mlx.extend_vocab`: the demo model given the pieces of a made-up language.
 The old tokens keep their ids and rows, each new row is the mean of its old pieces' rows,
 a text without new pieces scores as before, the new folder loads and pretrains, and bad
 input is refused in one line."""
@@ -16,11 +16,12 @@ from train_utils import load_weights, read_log, run_module
 from ufb_mlx.entry import errors_to_exit
 from ufb_mlx.extend_vocab import EMBEDDING, main, old_pieces
 
-EMAILS = [
-    "Re: [zzzlist] meeting moved, see http://www.example.com/index.php?id=42&x=1 <admin@example.com>",
-    "> > quoted text from jm@jmason.org wrote: ~~ unsubscribe _now_ {here} | there #1",
-    "CLICK HERE ==> http://www.freestuff.biz/offer?ref=abc_def <<< limited offer!!! ### ***",
-] * 40
+# Words no English vocabulary has pieces for (the shipped demo's already has the email's
+# characters and pieces: it was extended by this tool), each line twice (the WordPiece
+# trainer keeps pairs seen at least twice).
+_RNG = np.random.default_rng(0)
+WORDS = ["".join(_RNG.choice(list("qxzjvkwy"), size=_RNG.integers(5, 9))) for _ in range(400)]
+LINES = [" ".join(WORDS[i:i + 8]) for i in range(0, len(WORDS), 8)] * 2
 PLAIN = "In the beginning God created the heaven and the earth."
 
 
@@ -34,7 +35,7 @@ def test_old_pieces_is_wordpiece_longest_match_first():
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory):
     d = tmp_path_factory.mktemp("ext")
-    (d / "emails.txt").write_text("\n".join(EMAILS) + "\n")
+    (d / "emails.txt").write_text("\n".join(LINES) + "\n")
     out = d / "model"
     proc = run_module("ufb_mlx.extend_vocab", "--model", "demo", "--corpus", d / "emails.txt", "--add", "64",
                       "--out", out)
@@ -53,7 +54,6 @@ def test_old_tokens_keep_ids_and_rows_new_rows_are_means(extended):
     assert all(new_vocab[t] == i for t, i in old_vocab.items())
     added = {t: i for t, i in new_vocab.items() if t not in old_vocab}
     assert sorted(added.values()) == list(range(old_n, old_n + 64))
-    assert "@" in added and "=" in added  # characters the demo's vocabulary never had
 
     old_w = load_weights(base / "model.safetensors")[EMBEDDING].astype(np.float32)
     new_w = load_weights(out / "model.safetensors")[EMBEDDING]
@@ -68,7 +68,6 @@ def test_old_tokens_keep_ids_and_rows_new_rows_are_means(extended):
         ids = old_tok.encode(token)[:-1]  # drop the <sep> the template appends
         np.testing.assert_allclose(new_w[added[token]], old_w[ids].mean(axis=0), rtol=1e-6, atol=1e-7)
     unk = old_vocab["<unk>"]
-    np.testing.assert_allclose(new_w[added["@"]], old_w[unk], rtol=0, atol=0)
     for token, i in added.items():
         np.testing.assert_allclose(new_w[i], old_w[old_pieces(old_vocab, token, unk)].mean(axis=0),
                                    rtol=1e-6, atol=1e-7)
@@ -90,14 +89,12 @@ def test_text_without_new_pieces_scores_as_before(extended):
     assert new_logits.shape[-1] == n + 64
 
 
-def test_email_text_loses_its_unk_and_pretraining_continues(extended, tmp_path):
+def test_new_text_takes_fewer_tokens_and_pretraining_continues(extended, tmp_path):
     d, out = extended
     _, old_tok = ufb_mlx.load("demo")
     _, new_tok = ufb_mlx.load(out)
-    unk = old_tok.special_ids["<unk>"]
-    old_ids, new_ids = old_tok.encode(EMAILS[0]), new_tok.encode(EMAILS[0])
-    assert unk in old_ids and unk not in new_ids
-    assert len(new_ids) < len(old_ids)
+    old_ids, new_ids = old_tok.encode(LINES[0]), new_tok.encode(LINES[0])
+    assert len(new_ids) < len(old_ids) and max(new_ids) >= old_tok.vocab_size
     run = tmp_path / "run"
     run_module("ufb_mlx.pretrain", "--model", out, "--corpus", d / "emails.txt", "--out", run, "--steps", "2",
                "--batch-size", "2", "--eval-every", "1", "--quiet")

@@ -237,8 +237,8 @@ def test_max_steps_and_random_init(keyword_data, tmp_path):
     theirs = dict(tree_flatten(golden.parameters()))
     for k, v in theirs.items():
         assert mine[k].shape == v.shape, k
-    # Fresh N(0, 0.02^2) weights, moved by at most 7 Adam steps of the small recipe's lr (5e-4:
-    # at most ~3.5e-3 a weight, a std change well under 0.002): uncorrelated with
+    # Fresh N(0, 0.02^2) weights, moved by at most 7 Adam steps of the small recipe's lr (1.5e-4:
+    # at most ~1e-3 a weight, a std change well under 0.002): uncorrelated with
     # the checkpoint's (|r| of 57k independent pairs is ~0.004; a run from the checkpoint
     # keeps r above 0.95).
     for k in ("encoder.embedding.word_embedding.weight", "encoder.layers.0.ffn.linear_in.weight"):
