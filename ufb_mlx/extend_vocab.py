@@ -22,8 +22,8 @@ and scored exactly as before; a text that has them is encoded into fewer tokens.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -70,11 +70,9 @@ def old_pieces(vocab: dict[str, int], piece: str, unk_id: int) -> list[int]:
     return ids
 
 
-def new_rows(embedding: np.ndarray, vocab: dict[str, int], pieces: list[str], unk_id: int) -> np.ndarray:
-    """One row per new piece: the mean of the rows of its old pieces (float32)."""
-    table = embedding.astype(np.float32)
-    return np.stack([table[old_pieces(vocab, p, unk_id)].mean(axis=0) for p in pieces]) if pieces \
-        else np.zeros((0, table.shape[1]), np.float32)
+def new_rows(table: np.ndarray, vocab: dict[str, int], pieces: list[str], unk_id: int) -> np.ndarray:
+    """One row per new piece (at least one): the mean of the rows of its old pieces."""
+    return np.stack([table[old_pieces(vocab, p, unk_id)].mean(axis=0) for p in pieces])
 
 
 def extend(model, tokenizer_json: dict, lines: list[str], count: int) -> tuple[dict, ModelArgs, dict, list[str]]:
@@ -93,11 +91,11 @@ def extend(model, tokenizer_json: dict, lines: list[str], count: int) -> tuple[d
     pieces = domain_pieces(vocab, lines, count)
     if not pieces:
         raise UFBError("the corpus brings no word piece the model's vocabulary lacks; nothing to add")
-    weights = {k: v for k, v in tree_flatten(model.parameters())}
+    weights = dict(tree_flatten(model.parameters()))
     table = np.array(weights[EMBEDDING].astype(mx.float32))
     rows = new_rows(table, vocab, pieces, vocab[unk])
     weights[EMBEDDING] = mx.array(np.concatenate([table, rows])).astype(weights[EMBEDDING].dtype)
-    out_json = json.loads(json.dumps(tokenizer_json))
+    out_json = copy.deepcopy(tokenizer_json)
     out_vocab = out_json["model"]["vocab"]
     for i, p in enumerate(pieces):
         out_vocab[p] = args.vocab_size + i
