@@ -84,8 +84,9 @@ def _models():
     }
 
 
-def run_baselines(task: Path) -> dict:
-    """{name: {"accuracy", "f1", "macro_f1", "mcc", "valid_accuracy", hyperparameter: value}} on TASK."""
+def run_baselines(task: Path, predictions: bool = False) -> dict:
+    """{name: {"accuracy", "f1", "macro_f1", "mcc", "valid_accuracy", hyperparameter: value}} on TASK;
+    with ``predictions``, also "test_predictions": the label predicted for each test example."""
     try:
         import sklearn  # noqa: F401
     except ImportError:
@@ -114,7 +115,10 @@ def run_baselines(task: Path) -> dict:
             if best is None or acc > best[0]:
                 best = (acc, value, clf)
         acc, value, clf = best
-        out[name] = {**scores(y(test), clf.predict(x_test), len(labels)), "valid_accuracy": acc, hp: value}
+        pred = clf.predict(x_test)
+        out[name] = {**scores(y(test), pred, len(labels)), "valid_accuracy": acc, hp: value}
+        if predictions:
+            out[name]["test_predictions"] = [labels[i] for i in pred]
     return out
 
 

@@ -15,7 +15,9 @@ MODEL needs a new OUT). --max-steps cuts both runs short (a quick check of the c
 --seeds N fine-tunes MODEL N times, with ``--seed`` 0 to N-1 (data order, dropout and the
 new head's initialisation), and adds their mean and spread to the table: one run's test
 accuracy moves by about a standard error from seed to seed, more than the margins between
-the models here often are.
+the models here often are. Each run is also paired with each baseline on the test
+examples (which examples only one of the two gets right, and McNemar's exact test): the
+paired view says whether a gap of a few examples is a difference at all.
 """
 
 from __future__ import annotations
@@ -31,11 +33,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from baselines import NAMES, read_split, run_baselines  # noqa: E402
-from finetune_grid import finetune  # noqa: E402
+from finetune_grid import finetune, test_predictions  # noqa: E402
 from ufb_ref.errors import ArgumentParser, UFBError  # noqa: E402
 
 
-def table(task: Path, sizes: dict, runs: dict, baselines: dict) -> str:
+def mcnemar_p(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: of the b + c examples that exactly one of two
+    classifiers gets right, how unlikely a split this uneven is if each were equally
+    likely to be the one (a binomial test at 1/2). Paired, so it sees what two accuracies
+    on the same test examples cannot: 23 errors each may be the same 23 or 46 different."""
+    n = b + c
+    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(truth: list[str], ours: list[str], theirs: list[str]) -> tuple[int, int, float]:
+    """(examples only OURS gets right, examples only THEIRS gets right, McNemar's p)."""
+    b = sum(o == t != h for t, o, h in zip(truth, ours, theirs, strict=True))
+    c = sum(h == t != o for t, o, h in zip(truth, ours, theirs, strict=True))
+    return b, c, mcnemar_p(b, c)
+
+
+def paired_table(truth: list[str], runs: dict, baselines: dict, predictions: dict) -> list[str]:
+    lines = ["", f"Paired on the {len(truth)} test examples: how many only the fine-tuned run gets right / only the "
+                 "baseline gets right, and the two-sided exact McNemar p-value of that split (a small p: the two "
+                 "really differ; near 1: a tie).", "",
+             "| fine-tuned run | " + " | ".join(NAMES[b] for b in baselines) + " |",
+             "| --- |" + " --- |" * len(baselines)]
+    for name, r in runs.items():
+        what = "`--init random`" if name == "random" else f"--seed {r.get('seed', 0)}"
+        cells = [paired(truth, predictions[name], predictions[b]) for b in baselines]
+        lines.append(f"| {what} | " + " | ".join(f"{b} / {c} (p {p:.2g})" for b, c, p in cells) + " |")
+    return lines
+
+
+def table(task: Path, sizes: dict, runs: dict, baselines: dict, truth: list[str] | None = None,
+          predictions: dict | None = None) -> str:
+    """The markdown table; with the test labels (TRUTH) and every run's and baseline's
+    test PREDICTIONS ({name: [label, ...]}), also the paired comparison."""
     n = sizes["test"]
     lines = [f"Task `{task}`: {sizes['train']} training, {sizes['valid']} validation, {n} test examples, "
              f"{sizes['labels']} classes. Test accuracy and macro F1; the fine-tuned rows keep the epoch of best "
@@ -68,6 +103,8 @@ def table(task: Path, sizes: dict, runs: dict, baselines: dict) -> str:
                   f"about {math.sqrt(acc * (1 - acc) / n):.3f}. The model saw only the start of "
                   f"{runs['pretrained']['test']['truncated']} of the {n} test texts (longer than its sequence); "
                   "the baselines saw them whole."]
+    if predictions:
+        lines += paired_table(truth, runs, baselines, predictions)
     return "\n".join(lines) + "\n"
 
 
@@ -88,22 +125,26 @@ def main(argv=None) -> int:
         splits = {s: read_split(a.task, s) for s in ("train", "valid", "test")}
         sizes = {s: len(r) for s, r in splits.items()}
         sizes["labels"] = len({r["label"] for r in splits["train"]})
-        baselines = run_baselines(a.task)  # first: fails early without scikit-learn
+        baselines = run_baselines(a.task, predictions=True)  # first: fails early without scikit-learn
+        predictions = {name: b.pop("test_predictions") for name, b in baselines.items()}
         print(json.dumps({"baselines": baselines}), flush=True)
         runs = {}
         # Seed 0's folder keeps the name it had before --seeds, so earlier outputs are reused.
         jobs = [(f"pretrained-seed{s}" if s else "pretrained", "pretrained", s) for s in range(a.seeds)]
         jobs += [] if a.no_random else [("random", "random", 0)]
         for name, init, seed in jobs:
-            runs[name] = finetune(a.task.resolve(), (a.out / "runs" / name).resolve(), None, None, init, a.model,
-                                  a.max_steps, seed)
+            folder = (a.out / "runs" / name).resolve()
+            runs[name] = finetune(a.task.resolve(), folder, None, None, init, a.model, a.max_steps, seed)
+            predictions[name] = test_predictions(folder, splits["test"])
             print(json.dumps({name: runs[name]}), flush=True)
     except UFBError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    md = table(a.task, sizes, runs, baselines)
+    truth = [r["label"] for r in splits["test"]]
+    md = table(a.task, sizes, runs, baselines, truth, predictions)
     (a.out / "compare.json").write_text(json.dumps({"task": str(a.task), "model": a.model, "sizes": sizes,
-                                                    "runs": runs, "baselines": baselines}, indent=2) + "\n")
+                                                    "runs": runs, "baselines": baselines,
+                                                    "test_predictions": predictions}, indent=2) + "\n")
     (a.out / "compare.md").write_text(md)
     print(md, end="")
     return 0

@@ -80,7 +80,8 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_scores(model_dir: Path, test: list[dict]) -> dict:
+def _predict_test(model_dir: Path, test: list[dict]):
+    """(the model's label names, the index it predicts for each test row, how many rows were cut)."""
     import ufb_mlx
     from ufb_mlx import data
     from ufb_mlx.evaluate import label_names, predict
@@ -88,10 +89,22 @@ def test_scores(model_dir: Path, test: list[dict]) -> dict:
     model, tok = ufb_mlx.load(model_dir)
     examples = [data.Example(r["text"], None, r["label"], "test") for r in test]
     seqs, cut = data.TextEncoder(tok, model.args.max_seq_length)(examples)
-    pred = predict(model, seqs, tok.pad_token_id).argmax(1)
-    y = data.encode_labels(examples, label_names(model))
+    return label_names(model), predict(model, seqs, tok.pad_token_id).argmax(1), cut
+
+
+def test_scores(model_dir: Path, test: list[dict]) -> dict:
+    from ufb_mlx import data
+
+    names, pred, cut = _predict_test(model_dir, test)
+    y = data.encode_labels([data.Example(r["text"], None, r["label"], "test") for r in test], names)
     # "truncated": test texts longer than the model's sequence (it saw their start only).
-    return {**scores(y, pred, model.args.num_labels), "truncated": cut}
+    return {**scores(y, pred, len(names)), "truncated": cut}
+
+
+def test_predictions(model_dir: Path, test: list[dict]) -> list[str]:
+    """The label the fine-tuned model in MODEL_DIR predicts for each test row."""
+    names, pred, _ = _predict_test(model_dir, test)
+    return [names[i] for i in pred]
 
 
 def model_digest(model: str) -> str:

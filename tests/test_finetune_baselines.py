@@ -1,7 +1,8 @@
 """The parts of scripts/baselines.py that need no scikit-learn (it is a dev extra, not a
 test dependency): the scores every row of the fine-tuning tables uses, reading a task,
-and the one-line error without scikit-learn; and the seeds of scripts/finetune_compare.py
-(its table, and the --seed its runs get). The baselines themselves are measured, not
+and the one-line error without scikit-learn; and scripts/finetune_compare.py's seeds (its
+table, and the --seed its runs get) and its paired test (McNemar's p by hand, the paired
+table, the predictions it is made from). The baselines themselves are measured, not
 tested: see docs/demo_model.md."""
 
 from __future__ import annotations
@@ -81,6 +82,40 @@ def test_grid_run_passes_its_seed_and_refuses_another_seeds_folder(tmp_path):
     start = next(r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["event"] == "start")
     assert rec["seed"] == start["seed"] == 3 and rec["steps"] == 2
     assert 0 <= rec["test"]["accuracy"] <= 1
+    # the paired table's predictions are the labels the recorded accuracy was scored from
+    test = finetune_grid.read_jsonl(task / "test.jsonl")
+    pred = finetune_grid.test_predictions(out, test)
+    assert set(pred) <= {r["label"] for r in test}
+    assert sum(p == r["label"] for p, r in zip(pred, test)) / len(test) == pytest.approx(rec["test"]["accuracy"])
     assert finetune_grid.finetune(task, out, 1e-3, 1, "pretrained", str(MLM), max_steps=2, seed=3) == rec
     with pytest.raises(UFBError, match="fine-tuned with --seed 3, not 0: give a new --out"):
         finetune_grid.finetune(task, out, 1e-3, 1, "pretrained", str(MLM), max_steps=2, seed=0)
+
+
+def test_mcnemar_exact_p_values_by_hand():
+    import finetune_compare
+
+    p = finetune_compare.mcnemar_p
+    assert p(0, 0) == 1.0 and p(15, 15) == 1.0  # nothing to tell apart; an even split
+    assert p(10, 0) == pytest.approx(2 / 2 ** 10) == p(0, 10)  # all ten disagreements one way
+    assert p(3, 1) == pytest.approx(2 * (1 + 4) / 16)  # P(X <= 1), X ~ Binomial(4, 1/2), both tails
+    assert p(1, 2) == 1.0  # the doubled tail is capped
+
+
+def test_compare_table_pairs_each_run_with_each_baseline():
+    import finetune_compare
+
+    truth = ["a"] * 6 + ["b"] * 4
+    # seed 0 gets examples 0-8 right; the baseline 2-9: only seed 0 has 0 and 1, only the baseline 9
+    preds = {"pretrained": ["a"] * 6 + ["b"] * 3 + ["a"],
+             "char_tfidf_lr": ["b", "b"] + ["a"] * 4 + ["b"] * 4}
+    base = {"char_tfidf_lr": {"accuracy": 0.8, "macro_f1": 0.8, "C": 1.0}}
+    run = {"lr": 5e-4, "epochs": 3, "steps": 9, "best_epoch": 3, "cpu_s": 60.0, "seed": 0,
+           "test": {"accuracy": 0.9, "macro_f1": 0.9, "truncated": 0}}
+    md = finetune_compare.table(Path("t"), {"train": 9, "valid": 3, "test": 10, "labels": 2}, {"pretrained": run},
+                                base, truth, preds)
+    assert f"| --seed 0 | 2 / 1 (p {finetune_compare.mcnemar_p(2, 1):.2g}) |" in md.splitlines()
+    assert finetune_compare.paired(truth, preds["pretrained"], preds["char_tfidf_lr"]) == (2, 1, 1.0)
+    # without predictions, the table is as before: no paired part
+    assert "Paired" not in finetune_compare.table(Path("t"), {"train": 9, "valid": 3, "test": 10, "labels": 2},
+                                                  {"pretrained": run}, base)
