@@ -36,7 +36,7 @@ from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from . import data
 from .entry import console
-from .loading import load, model_location, save_model
+from .loading import check_new_folder, derived_folder, load, model_location
 from .model import ModelArgs
 
 EMBEDDING = "encoder.embedding.word_embedding.weight"
@@ -116,23 +116,14 @@ def main(argv=None) -> int:
         raise UFBError(f"--add must be at least 1, got {a.add}")
     files = data.corpus_files(a.corpus)
     lines = data.read_corpus(files)
-    folder = resolve(model_location(a.model))
     out = Path(a.out)
-    if out.exists() and not a.force:
-        raise UFBError(f"--out '{out}' exists (give --force to replace a model folder this project wrote)")
-    fsio.check_replaceable(out, [folder, *files])
+    check_new_folder(out, a.force, [resolve(model_location(a.model)), *files])
     model, tok = load(a.model, fff_mode="dense")
     tokenizer_json = json.loads(Path(tok.path).read_text())
     weights, args, new_json, pieces = extend(model, tokenizer_json, lines, a.add)
-    # The weights are saved as load() gave them (float32 on the CPU): the model's record of
-    # its export dtype no longer applies.
-    source = {k: v for k, v in (args.source or {}).items() if k != "dtype"}
-    args.source = dict(source, extended_from=str(a.model), pieces_added=len(pieces),
-                       pieces_from=[str(f) for f in a.corpus])
-    with fsio.atomic_folder(out, replace=a.force, mark=True) as tmp:
-        save_model(tmp, weights, args, tokenizer_folder=Path(tok.path).parent)
+    with derived_folder(out, weights, args, Path(tok.path).parent, a.force, extended_from=str(a.model),
+                        pieces_added=len(pieces), pieces_from=[str(f) for f in a.corpus]) as tmp:
         fsio.atomic_write_text(tmp / "tokenizer.json", json.dumps(new_json, ensure_ascii=False) + "\n")
-        load(tmp)  # the folder reads back: tokenizer ids fit the new vocabulary
     print(f"added {len(pieces)} pieces (vocabulary {args.vocab_size - len(pieces)} -> {args.vocab_size}); "
           f"first: {' '.join(pieces[:20])}")
     print(f"wrote {out}")

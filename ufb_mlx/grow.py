@@ -23,12 +23,11 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-from ufb_ref import fsio
 from ufb_ref.checkpoint import resolve
 from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from .entry import console
-from .loading import load, model_location, save_model
+from .loading import check_new_folder, derived_folder, load, model_location
 from .model import ModelArgs
 
 LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
@@ -63,19 +62,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="new model folder")
     p.add_argument("--force", action="store_true", help="replace --out if it is a model folder this project wrote")
     a = p.parse_args(argv)
-    folder = resolve(model_location(a.model))
     out = Path(a.out)
-    if out.exists() and not a.force:
-        raise UFBError(f"--out '{out}' exists (give --force to replace a model folder this project wrote)")
-    fsio.check_replaceable(out, [folder])
+    check_new_folder(out, a.force, [resolve(model_location(a.model))])
     model, tok = load(a.model, fff_mode="dense")
     weights, args = stack(dict(tree_flatten(model.parameters())), model.args, a.layers)
-    # Saved as load() gave them (float32 on the CPU): the record of an export dtype no longer applies.
-    source = {k: v for k, v in (args.source or {}).items() if k != "dtype"}
-    args.source = dict(source, grown_from=str(a.model), stacked_layers=f"{model.args.num_layers} -> {a.layers}")
-    with fsio.atomic_folder(out, replace=a.force, mark=True) as tmp:
-        save_model(tmp, weights, args, tokenizer_folder=Path(tok.path).parent)
-        load(tmp)  # the folder reads back with the new depth
+    with derived_folder(out, weights, args, Path(tok.path).parent, a.force, grown_from=str(a.model),
+                        stacked_layers=f"{model.args.num_layers} -> {a.layers}"):
+        pass  # nothing but the model: the tokenizer is the source's
     print(f"stacked {model.args.num_layers} layers into {a.layers} (layer i is a copy of layer i mod "
           f"{model.args.num_layers})")
     print(f"wrote {out}")

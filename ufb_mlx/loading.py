@@ -9,6 +9,7 @@ NumPy copy), so the process holds about one copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -155,3 +156,24 @@ def save_model(folder, model_or_weights, args: ModelArgs, tokenizer_folder=None,
     with fsio.atomic_file(folder / WEIGHTS_FILE) as tmp:
         save_safetensors(tmp, weights, {"format": "mlx"})
     return folder
+
+
+def check_new_folder(out: Path, force: bool, inputs) -> None:
+    """A tool's --out: absent, or (--force) a model folder this project wrote that is none
+    of its INPUTS and holds none of them."""
+    if out.exists() and not force:
+        raise UFBError(f"--out '{out}' exists (give --force to replace a model folder this project wrote)")
+    fsio.check_replaceable(out, list(inputs))
+
+
+@contextlib.contextmanager
+def derived_folder(out: Path, weights: dict, args: ModelArgs, tokenizer_folder, force: bool, **record):
+    """Write a model made from a loaded one (extend_vocab, grow) into OUT, atomically:
+    its weights as load() gave them (float32 on the CPU), so the source's record of an
+    export dtype is dropped and RECORD added to config.json's "source". Yields the
+    unfinished folder for more files; it must load before it is put in place."""
+    args.source = dict({k: v for k, v in (args.source or {}).items() if k != "dtype"}, **record)
+    with fsio.atomic_folder(out, replace=force, mark=True) as tmp:
+        save_model(tmp, weights, args, tokenizer_folder=tokenizer_folder)
+        yield tmp
+        load(tmp)
