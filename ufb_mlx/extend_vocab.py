@@ -30,13 +30,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ufb_ref import fsio
 from ufb_ref.checkpoint import resolve
 from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from . import data
 from .entry import console
-from .loading import check_new_folder, derived_folder, load, model_location
+from .loading import check_new_folder, save_derived, load, model_location
 from .model import ModelArgs
 
 EMBEDDING = "encoder.embedding.word_embedding.weight"
@@ -121,9 +120,10 @@ def main(argv=None) -> int:
     model, tok = load(a.model, fff_mode="dense")
     tokenizer_json = json.loads(Path(tok.path).read_text())
     weights, args, new_json, pieces = extend(model, tokenizer_json, lines, a.add)
-    with derived_folder(out, weights, args, Path(tok.path).parent, a.force, extended_from=str(a.model),
-                        pieces_added=len(pieces), pieces_from=[str(f) for f in a.corpus]) as tmp:
-        fsio.atomic_write_text(tmp / "tokenizer.json", json.dumps(new_json, ensure_ascii=False) + "\n")
+    # load() inside save_derived checks the new tokenizer's ids fit the new vocabulary.
+    save_derived(out, weights, args, Path(tok.path).parent, a.force,
+                 files={"tokenizer.json": json.dumps(new_json, ensure_ascii=False) + "\n"},
+                 extended_from=str(a.model), pieces_added=len(pieces), pieces_from=[str(f) for f in a.corpus])
     print(f"added {len(pieces)} pieces (vocabulary {args.vocab_size - len(pieces)} -> {args.vocab_size}); "
           f"first: {' '.join(pieces[:20])}")
     print(f"wrote {out}")

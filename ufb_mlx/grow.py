@@ -27,7 +27,7 @@ from ufb_ref.checkpoint import resolve
 from ufb_ref.errors import ArgumentParser, UFBError, command_name
 
 from .entry import console
-from .loading import check_new_folder, derived_folder, load, model_location
+from .loading import check_new_folder, save_derived, load, model_location
 from .model import ModelArgs
 
 LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
@@ -66,9 +66,8 @@ def main(argv=None) -> int:
     check_new_folder(out, a.force, [resolve(model_location(a.model))])
     model, tok = load(a.model, fff_mode="dense")
     weights, args = stack(dict(tree_flatten(model.parameters())), model.args, a.layers)
-    with derived_folder(out, weights, args, Path(tok.path).parent, a.force, grown_from=str(a.model),
-                        stacked_layers=f"{model.args.num_layers} -> {a.layers}"):
-        pass  # nothing but the model: the tokenizer is the source's
+    save_derived(out, weights, args, Path(tok.path).parent, a.force, grown_from=str(a.model),
+                 stacked_layers=f"{model.args.num_layers} -> {a.layers}")
     print(f"stacked {model.args.num_layers} layers into {a.layers} (layer i is a copy of layer i mod "
           f"{model.args.num_layers})")
     print(f"wrote {out}")

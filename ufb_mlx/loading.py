@@ -9,7 +9,6 @@ NumPy copy), so the process holds about one copy of the weights.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
@@ -166,14 +165,15 @@ def check_new_folder(out: Path, force: bool, inputs) -> None:
     fsio.check_replaceable(out, list(inputs))
 
 
-@contextlib.contextmanager
-def derived_folder(out: Path, weights: dict, args: ModelArgs, tokenizer_folder, force: bool, **record):
+def save_derived(out: Path, weights: dict, args: ModelArgs, tokenizer_folder, force: bool,
+                 files: dict[str, str] | None = None, **record) -> None:
     """Write a model made from a loaded one (extend_vocab, grow) into OUT, atomically:
     its weights as load() gave them (float32 on the CPU), so the source's record of an
-    export dtype is dropped and RECORD added to config.json's "source". Yields the
-    unfinished folder for more files; it must load before it is put in place."""
+    export dtype is dropped and RECORD added to config.json's "source"; FILES ({name: text})
+    replace the copied tokenizer files. The folder must load before it is put in place."""
     args.source = dict({k: v for k, v in (args.source or {}).items() if k != "dtype"}, **record)
     with fsio.atomic_folder(out, replace=force, mark=True) as tmp:
         save_model(tmp, weights, args, tokenizer_folder=tokenizer_folder)
-        yield tmp
+        for name, text in (files or {}).items():
+            fsio.atomic_write_text(tmp / name, text)
         load(tmp)
